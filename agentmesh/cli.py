@@ -1,0 +1,347 @@
+"""The `mesh` command. Readable tables by default, `--json` for scripts, one-line errors.
+
+Exit codes: 0 ok, 1 the operation failed, 2 bad input (usage, invalid payload),
+3 a server (Redis, PostgreSQL, Kafka) is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlparse
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agentmesh.settings import Settings, load_settings
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="mesh",
+    help="agentmesh: AI agents as a choreographed mesh over Redis Streams, Postgres and Kafka.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+dev_app = typer.Typer(help="The local stack: Redis, PostgreSQL and a Kafka-compatible broker.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
+agent_app = typer.Typer(help="Run and list agents.", no_args_is_help=True)
+app.add_typer(dev_app, name="dev")
+app.add_typer(db_app, name="db")
+app.add_typer(agent_app, name="agent")
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_FAILED, EXIT_INPUT, EXIT_UNAVAILABLE = 1, 2, 3
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    raise CliError(message, code)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def settings() -> Settings:
+    return load_settings()
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, default=str) + "\n")
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+# -- local stack ----------------------------------------------------------------------------
+def stack_config(s: Settings) -> Any:
+    from agentmesh.devstack import StackConfig
+
+    redis = urlparse(s.redis_url)
+    pg = urlparse(s.postgres_dsn)
+    kafka_port = int(s.kafka_bootstrap.rsplit(":", 1)[1])
+    return StackConfig(
+        root=Path(s.dev_root).resolve(),
+        redis_port=redis.port or 6379,
+        pg_port=pg.port or 5432,
+        kafka_port=kafka_port,
+        pg_user=pg.username or "mesh",
+        pg_db=(pg.path or "/mesh").lstrip("/") or "mesh",
+    )
+
+
+def _services(names: list[str] | None) -> tuple[str, ...]:
+    from agentmesh.devstack import SERVICES
+
+    chosen = tuple(names or SERVICES)
+    unknown = [n for n in chosen if n not in SERVICES]
+    if unknown:
+        fail(f"unknown service {unknown[0]!r}; choose from {', '.join(SERVICES)}", EXIT_INPUT)
+    return chosen
+
+
+def _print_status(rows: list[Any], as_json: bool) -> None:
+    if as_json:
+        emit_json([r.__dict__ for r in rows])
+        return
+    table = Table("service", "state", "pid", "address", "detail")
+    for r in rows:
+        state = "[green]running[/]" if r.running else "[red]stopped[/]"
+        table.add_row(r.name, state, str(r.pid or "-"), r.address, r.detail)
+    out.print(table)
+
+
+ServicesArg = Annotated[
+    list[str] | None, typer.Argument(help="Services (redis, postgres, kafka); default all.")
+]
+
+
+@dev_app.command("up")
+def dev_up(services: ServicesArg = None, as_json: JsonOpt = False) -> None:
+    """Start the local stack (idempotent) and apply database migrations."""
+    from agentmesh import devstack
+
+    s = settings()
+    chosen = _services(services)
+    with out.status("starting the local stack…") if not as_json else _null():
+        rows = devstack.up(stack_config(s), chosen)
+        if "postgres" in chosen:
+            from outbox.migrate import migrate
+
+            run(migrate(s.postgres_dsn))
+    _print_status(rows, as_json)
+
+
+@dev_app.command("down")
+def dev_down(services: ServicesArg = None) -> None:
+    """Stop the local stack; no process is left behind. Data stays in the data dir."""
+    from agentmesh import devstack
+
+    devstack.down(stack_config(settings()), _services(services))
+    out.print("local stack stopped")
+
+
+@dev_app.command("status")
+def dev_status(services: ServicesArg = None, as_json: JsonOpt = False) -> None:
+    """Show which local servers run. Exit code 1 when any is stopped."""
+    from agentmesh import devstack
+
+    rows = devstack.status(stack_config(settings()), _services(services))
+    _print_status(rows, as_json)
+    if not all(r.running for r in rows):
+        raise typer.Exit(EXIT_FAILED)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+# -- database -------------------------------------------------------------------------------
+@db_app.command("migrate")
+def db_migrate(as_json: JsonOpt = False) -> None:
+    """Apply pending schema migrations (safe to run from several replicas at once)."""
+    from outbox.migrate import migrate
+
+    applied = run(migrate(settings().postgres_dsn))
+    if as_json:
+        emit_json([{"version": m.version, "name": m.name} for m in applied])
+    elif applied:
+        for m in applied:
+            out.print(f"applied {m.version:04d}_{m.name}")
+    else:
+        out.print("schema is up to date")
+
+
+# -- agents ---------------------------------------------------------------------------------
+def load_agents(module: str | None) -> dict[str, Any]:
+    from agents.agent import AGENTS
+
+    name = module or settings().agents_module
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        fail(f"cannot import agents module {name!r}: {exc}", EXIT_INPUT)
+    return AGENTS
+
+
+ModuleOpt = Annotated[
+    str | None, typer.Option("--module", "-m", help="Module defining the agents (MESH_AGENTS_MODULE).")
+]
+
+
+@agent_app.command("run")
+def agent_run(
+    name: str,
+    module: ModuleOpt = None,
+    http_port: Annotated[int | None, typer.Option(help="Port of /healthz /readyz /metrics.")] = None,
+    consumers: Annotated[int | None, typer.Option(help="Consumer loops in this process.")] = None,
+) -> None:
+    """Run one agent type as this process, until SIGTERM/SIGINT."""
+    from agentmesh.logs import configure
+    from agents.runner import Runner
+
+    agents = load_agents(module)
+    if name not in agents:
+        fail(f"no agent named {name!r}; known: {', '.join(sorted(agents)) or 'none'}", EXIT_INPUT)
+    overrides: dict[str, Any] = {}
+    if http_port is not None:
+        overrides["http_port"] = http_port
+    if consumers is not None:
+        overrides["consumers"] = consumers
+    s = load_settings(**overrides)
+    configure(fmt=s.log_format, level=s.log_level)
+    run(Runner(agents[name], s).run_forever())
+
+
+@agent_app.command("list")
+def agent_list(module: ModuleOpt = None, as_json: JsonOpt = False) -> None:
+    """List the agents a module defines: what each consumes and emits."""
+    agents = load_agents(module)
+    rows = [a.describe() for a in agents.values()]
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("agent", "consumes (type → stream)", "emits", "dependencies")
+    for r in rows:
+        consumes = "\n".join(f"{t} → {s}" for t, s in r["consumes"].items())
+        table.add_row(r["name"], consumes, ", ".join(r["emits"]), ", ".join(r["dependencies"]))
+    out.print(table)
+
+
+# -- publishing -----------------------------------------------------------------------------
+def read_payload(raw: str) -> Any:
+    """A payload from the argument itself, `@file`, or `-` (stdin)."""
+    if raw == "-":
+        raw = sys.stdin.read()
+    elif raw.startswith("@"):
+        path = Path(raw[1:])
+        if not path.is_file():
+            fail(f"payload file {path} not found", EXIT_INPUT)
+        raw = path.read_text()
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        fail(f"payload is not valid JSON: {exc}", EXIT_INPUT)
+
+
+@app.command("publish")
+def publish(
+    stream: Annotated[str, typer.Argument(help="Target stream (must be the type's stream).")],
+    event_type: Annotated[str, typer.Option("--type", "-t", help="Event type.")],
+    session: Annotated[str | None, typer.Option("--session", "-s", help="Session id (new if omitted).")] = None,
+    payload: Annotated[str, typer.Option("--payload", "-p", help="JSON, @file or - for stdin.")] = "{}",
+    idempotency_key: Annotated[str | None, typer.Option(help="Dedup key (default: the event id).")] = None,
+    module: ModuleOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate a payload against its event schema, then XADD it onto STREAM."""
+    from schemas import PoisonMessage, registry
+    from schemas.ids import new_event_id
+
+    load_agents(module)
+    data = read_payload(payload)
+    if not isinstance(data, dict):
+        fail("payload must be a JSON object", EXIT_INPUT)
+    try:
+        expected = registry.stream_of(event_type)
+        fields: dict[str, Any] = {"session_id": session or f"s-{new_event_id()}"}
+        if idempotency_key:
+            fields["idempotency_key"] = idempotency_key
+        env = registry.make(event_type, data, **fields)
+    except PoisonMessage as exc:
+        fail(f"invalid {event_type} payload: {exc}", EXIT_INPUT)
+    except ValueError as exc:
+        fail(str(exc), EXIT_INPUT)
+    if expected != stream:
+        fail(f"{event_type} travels on stream {expected!r}, not {stream!r}", EXIT_INPUT)
+    entry_id = run(_publish(settings(), stream, env))
+    result = {"event_id": env.event_id, "session_id": env.session_id, "stream": stream, "entry_id": entry_id}
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(f"published {event_type} {env.event_id} to {stream} (session {env.session_id})")
+
+
+async def _publish(s: Settings, stream: str, env: Any) -> str | None:
+    from redis.asyncio import Redis
+
+    from bus import Outgoing, Streams
+
+    redis = Redis.from_url(s.redis_url)
+    try:
+        bus = Streams(redis, group="-", consumer="-", dedup_ttl_s=s.dedup_ttl_s)
+        (entry_id,) = await bus.publish([Outgoing(stream, env.event_id, env.to_wire())])
+        return entry_id
+    finally:
+        await redis.aclose()
+
+
+@app.command("config")
+def config(as_json: JsonOpt = False) -> None:
+    """Print the settings in force (environment, mesh.toml, defaults)."""
+    data = settings().model_dump()
+    if as_json:
+        emit_json(data)
+        return
+    table = Table("setting", "value", "env var")
+    for k, v in data.items():
+        table.add_row(k, str(v), f"MESH_{k.upper()}")
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point: turns known failures into one red line and a meaningful exit code."""
+    import asyncpg
+    import redis.exceptions
+
+    from agentmesh.devstack import StackError
+
+    try:
+        app(standalone_mode=False)
+    except CliError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(exc.code)
+    except (redis.exceptions.ConnectionError, ConnectionRefusedError, OSError) as exc:
+        err.print(f"[red]error:[/] cannot reach a server: {exc}", highlight=False)
+        sys.exit(EXIT_UNAVAILABLE)
+    except asyncpg.PostgresError as exc:
+        err.print(f"[red]error:[/] PostgreSQL: {exc}", highlight=False)
+        sys.exit(EXIT_FAILED)
+    except StackError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(EXIT_FAILED)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(EXIT_INPUT)
+        raise
+
+
+if __name__ == "__main__":
+    main()

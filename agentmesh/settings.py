@@ -1,0 +1,74 @@
+"""Settings from environment variables (prefix `MESH_`) or a TOML file (`MESH_CONFIG`, default ./mesh.toml).
+
+One flat settings object keeps the knobs discoverable: `mesh config` prints them all.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6390/0"
+    postgres_dsn: str = "postgresql://mesh@127.0.0.1:5440/mesh"
+    kafka_bootstrap: str = "127.0.0.1:9093"
+
+    dev_root: str = Field(default=".mesh", description="data dir of `mesh dev` (inside the project)")
+    agents_module: str = Field(
+        default="agents.examples", description="module that defines the agents `mesh agent run` knows"
+    )
+
+    batch_size: int = Field(default=200, ge=1, description="entries per XREADGROUP and per commit")
+    block_ms: int = Field(default=1000, ge=1, description="how long one XREADGROUP waits")
+    concurrency: int = Field(default=64, ge=1, description="handlers running at once per consumer")
+    consumers: int = Field(default=1, ge=1, description="consumer loops per process")
+    max_deliveries: int = Field(default=5, ge=1, description="deliveries before an entry is DLQ'd")
+    claim_idle_ms: int = Field(
+        default=30_000, ge=100, description="idle time after which another consumer reclaims"
+    )
+    retry_initial_s: float = Field(default=0.5, ge=0, description="first redelivery backoff")
+    retry_max_s: float = Field(default=30.0, ge=0, description="largest redelivery backoff")
+    grace_s: float = Field(default=30.0, ge=0, description="SIGTERM: time to finish in-flight work")
+    trim_interval_s: float = Field(default=30.0, gt=0, description="how often streams are trimmed")
+    stream_retention_s: float = Field(
+        default=3600.0, ge=0, description="acked entries younger than this are kept for debugging"
+    )
+    dedup_ttl_s: int = Field(default=7 * 86400, ge=1, description="how long XADD dedup keys live")
+    dlq_stream: str = "mesh:dlq"
+    max_envelope_bytes: int = Field(default=256 * 1024, ge=1024)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=9100, ge=0, description="/healthz, /readyz, /metrics; 0 = any")
+    pg_pool_size: int = Field(default=4, ge=1)
+    log_format: str = Field(default="console", pattern="^(console|json)$")
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = os.environ.get("MESH_CONFIG", "mesh.toml")
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
+        )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

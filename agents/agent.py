@@ -1,0 +1,98 @@
+"""Writing an agent: name it, declare its dependencies, and register one handler per event type.
+
+    planner = Agent("planner", dependencies=[DependencySpec(name="llm")])
+
+    @planner.handler("task.submitted", needs=["llm"])
+    async def plan(task: TaskSubmitted, ctx: Context) -> dict:
+        outline = await ctx.call("llm", write_outline, task.goal)
+        ctx.emit("plan.ready", PlanReady(outline=outline))
+        return {"steps": len(outline)}
+
+The streams an agent consumes follow from the event types it handles (each type travels on
+the stream the registry names); the events it may emit are declared with `emits`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from agents.resilience import DependencySpec
+from schemas.registry import Registry, registry as default_registry
+
+if TYPE_CHECKING:
+    from agents.context import Context
+
+Handler = Callable[[Any, "Context"], Awaitable[Any]]
+Projection = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+
+AGENTS: dict[str, Agent] = {}
+"""Every agent defined in this process, by name (what `mesh agent run NAME` looks up)."""
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    event_type: str
+    fn: Handler
+    needs: tuple[str, ...]
+
+
+class Agent:
+    def __init__(
+        self,
+        name: str,
+        *,
+        emits: Iterable[str] = (),
+        dependencies: Sequence[DependencySpec] = (),
+        registry: Registry | None = None,
+    ) -> None:
+        if not name or ":" in name:
+            raise ValueError("agent name must be non-empty and contain no ':'")
+        self.name = name
+        self.registry = registry or default_registry
+        self.emits = set(emits)
+        self.dependencies = {d.name: d for d in dependencies}
+        self.handlers: dict[str, HandlerSpec] = {}
+        AGENTS[name] = self
+
+    def handler(
+        self, event_type: str, *, needs: Iterable[str] = ()
+    ) -> Callable[[Handler], Handler]:
+        needs = tuple(needs)
+        for dep in needs:
+            if dep not in self.dependencies:
+                raise ValueError(f"{self.name}: handler needs undeclared dependency {dep!r}")
+
+        def register(fn: Handler) -> Handler:
+            self.registry.get(event_type)  # fail fast on a typo
+            self.handlers[event_type] = HandlerSpec(event_type, fn, needs)
+            return fn
+
+        return register
+
+    @property
+    def streams(self) -> list[str]:
+        return sorted({self.registry.stream_of(t) for t in self.handlers})
+
+    def needs_of_stream(self, stream: str) -> set[str]:
+        return {
+            dep
+            for t, h in self.handlers.items()
+            if self.registry.stream_of(t) == stream
+            for dep in h.needs
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "consumes": {t: self.registry.stream_of(t) for t in sorted(self.handlers)},
+            "emits": sorted(self.emits),
+            "dependencies": sorted(self.dependencies),
+        }
+
+
+def payload_model(agent: Agent, event_type: str) -> type[BaseModel]:
+    return agent.registry.get(event_type).model

@@ -1,0 +1,65 @@
+"""What a handler gets besides its typed payload: the session, a way to emit events, the
+idempotency key to hand to external services, a logger and the dependency breakers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import structlog
+from pydantic import BaseModel
+
+from agents.resilience import Dependency
+from schemas.envelope import Envelope
+from schemas.registry import Registry
+
+T = TypeVar("T")
+
+
+class Context:
+    def __init__(
+        self,
+        *,
+        agent: str,
+        envelope: Envelope,
+        registry: Registry,
+        emits: set[str],
+        dependencies: dict[str, Dependency],
+        deliveries: int,
+    ) -> None:
+        self.agent = agent
+        self.envelope = envelope
+        self.session_id = envelope.session_id
+        self.deliveries = deliveries
+        self.idempotency_key = f"{agent}:{envelope.idempotency_key}"
+        """Stable across redeliveries of this input: pass it to payment APIs and the like."""
+        self.log = structlog.get_logger(agent).bind(
+            session=envelope.session_id, event=envelope.event_id, type=envelope.type
+        )
+        self._registry = registry
+        self._emits = emits
+        self._deps = dependencies
+        self.emitted: list[tuple[str, Envelope]] = []
+
+    def emit(self, event_type: str, payload: BaseModel | dict[str, Any]) -> Envelope:
+        """Queue an event; it is written to the outbox with the action and sent after commit."""
+        if event_type not in self._emits:
+            raise ValueError(f"agent {self.agent!r} does not declare it emits {event_type!r}")
+        env = self._registry.make(
+            event_type,
+            payload,
+            session_id=self.session_id,
+            causation_id=self.envelope.event_id,
+            source=self.agent,
+        )
+        self.emitted.append((self._registry.stream_of(event_type), env))
+        return env
+
+    def dependency(self, name: str) -> Dependency:
+        return self._deps[name]
+
+    async def call(
+        self, dependency: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+    ) -> T:
+        """Call `fn` through the named dependency's breaker, with its retry policy."""
+        return await self._deps[dependency].call(fn, *args, **kwargs)

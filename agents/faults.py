@@ -1,0 +1,23 @@
+"""Named crash points for fault-injection tests: `MESH_CRASH_AT=after_commit` makes the
+process die with SIGKILL semantics (os._exit, no cleanup) when it first reaches that point
+(after `MESH_CRASH_AFTER` passes, default 1). Unset, each point costs one dict lookup.
+
+Points: after_commit (Postgres committed, nothing published), after_publish (handoffs
+XADDed, input not acked).
+"""
+
+from __future__ import annotations
+
+import os
+
+_target = os.environ.get("MESH_CRASH_AT", "")
+_remaining = int(os.environ.get("MESH_CRASH_AFTER", "1") or 1)
+
+
+def point(name: str) -> None:
+    global _remaining
+    if _target != name:
+        return
+    _remaining -= 1
+    if _remaining <= 0:
+        os._exit(137)

@@ -1,0 +1,106 @@
+"""Calls to dependencies (LLM APIs, payment gateways, ...): retries with backoff behind a breaker.
+
+Two layers, on purpose:
+- inside one delivery, tenacity retries a flaky call a few times with exponential backoff
+  and jitter, giving up at once on errors marked non-retryable;
+- around all calls to one dependency, an aiobreaker circuit breaker. While it is open the
+  runtime stops reading the streams whose handlers need it, so entries wait in Redis instead
+  of burning retries and deliveries; when the reset timeout passes, one probe delivery runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from aiobreaker import CircuitBreaker, CircuitBreakerError, CircuitBreakerState
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+T = TypeVar("T")
+
+
+class NonRetryable(Exception):
+    """Raise (or subclass) for failures no retry can fix: bad request, refused by policy.
+
+    From a dependency call it skips the call-level retries; from a handler it sends the
+    message to the DLQ at once instead of after `max_deliveries`.
+    """
+
+
+@dataclass(kw_only=True, frozen=True)
+class RetryPolicy:
+    attempts: int = 3
+    initial_s: float = 0.1
+    max_s: float = 2.0
+    jitter_s: float = 0.1
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    never_on: tuple[type[BaseException], ...] = (NonRetryable,)
+
+    def should_retry(self, exc: BaseException) -> bool:
+        if isinstance(exc, (CircuitBreakerError, *self.never_on)):
+            return False
+        return isinstance(exc, self.retry_on)
+
+
+@dataclass(kw_only=True, frozen=True)
+class DependencySpec:
+    """How an agent talks to one named dependency."""
+
+    name: str
+    fail_max: int = 5
+    reset_timeout_s: float = 30.0
+    retry: RetryPolicy = RetryPolicy()
+
+
+class Dependency:
+    """One dependency's breaker and retry policy, shared by all handlers of a process."""
+
+    def __init__(self, spec: DependencySpec) -> None:
+        self.spec = spec
+        self.breaker = CircuitBreaker(
+            fail_max=spec.fail_max,
+            timeout_duration=timedelta(seconds=spec.reset_timeout_s),
+            exclude=[NonRetryable],
+            name=spec.name,
+        )
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def state(self) -> str:
+        """'closed', 'open' or 'half-open' (an open breaker whose timeout passed reads 'half-open')."""
+        st = self.breaker.current_state
+        if st == CircuitBreakerState.OPEN:
+            return "half-open" if self._timeout_elapsed() else "open"
+        return "half-open" if st == CircuitBreakerState.HALF_OPEN else "closed"
+
+    def _timeout_elapsed(self) -> bool:
+        opened = self.breaker._state_storage.opened_at
+        return opened is None or datetime.utcnow() >= opened + self.breaker.timeout_duration
+
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        policy = self.spec.retry
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(policy.attempts),
+            wait=wait_exponential_jitter(
+                initial=policy.initial_s, max=policy.max_s, jitter=policy.jitter_s
+            ),
+            retry=retry_if_exception(policy.should_retry),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                result: T = await self.breaker.call_async(fn, *args, **kwargs)
+        return result
+
+
+STATE_VALUE = {"closed": 0, "half-open": 1, "open": 2}

@@ -1,0 +1,202 @@
+"""Redis Streams transport: the only module that speaks XREADGROUP, XACK, XAUTOCLAIM and friends.
+
+Every method is one round trip (a pipeline or a Lua script) for a whole batch, so the
+runtime's cost per message stays close to a raw redis-py loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from bus.deadletter import DeadLetter
+from bus.entry import Outgoing, StreamEntry
+from bus.scripts import Scripts
+
+FAILURES_TTL_S = 7 * 86400
+
+
+def dedup_key(stream: str, event_id: str) -> str:
+    return f"mesh:dedup:{stream}:{event_id}"
+
+
+def failures_key(stream: str, group: str, entry_id: str) -> str:
+    return f"mesh:failures:{stream}:{group}:{entry_id}"
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Streams:
+    """One consumer's view of Redis: `group` is the agent type, `consumer` this process's loop."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        group: str,
+        consumer: str,
+        dedup_ttl_s: int = 7 * 86400,
+        dlq_stream: str = "mesh:dlq",
+    ) -> None:
+        self.redis = redis
+        self.group = group
+        self.consumer = consumer
+        self.dedup_ttl_s = dedup_ttl_s
+        self.dlq_stream = dlq_stream
+        self.scripts = Scripts(redis)
+
+    # -- groups -------------------------------------------------------------------------
+    async def ensure_group(self, stream: str) -> None:
+        """Create the group at the start of the stream (MKSTREAM); an existing group is kept."""
+        try:
+            await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # -- reading ------------------------------------------------------------------------
+    async def read(self, streams: Sequence[str], *, count: int, block_ms: int | None) -> list[StreamEntry]:
+        """New entries for this group. A deleted stream or group (NOGROUP) is re-created once."""
+        if not streams:
+            return []
+        try:
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, {s: ">" for s in streams}, count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            for s in streams:
+                await self.ensure_group(s)
+            return []
+        out: list[StreamEntry] = []
+        for stream, entries in reply or []:
+            name = _s(stream)
+            for entry_id, fields in entries:
+                if fields is None:  # deleted while pending (Redis < 7 shape)
+                    continue
+                out.append(StreamEntry(stream=name, id=_s(entry_id), fields=fields, deliveries=1))
+        return out
+
+    async def autoclaim(self, stream: str, *, min_idle_ms: int, count: int) -> list[StreamEntry]:
+        """Take over entries idle longer than `min_idle_ms` (their consumer died or hung)."""
+        try:
+            reply = await self.redis.xautoclaim(
+                stream, self.group, self.consumer, min_idle_ms, start_id="0-0", count=count
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group(stream)
+            return []
+        claimed = [(_s(i), f) for i, f in reply[1] if f is not None]
+        if not claimed:
+            return []
+        counts = await self.delivery_counts(stream, [i for i, _ in claimed])
+        return [
+            StreamEntry(stream=stream, id=i, fields=f, deliveries=counts.get(i, 1))
+            for i, f in claimed
+        ]
+
+    async def delivery_counts(self, stream: str, ids: Sequence[str]) -> dict[str, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for i in ids:
+            pipe.xpending_range(stream, self.group, min=i, max=i, count=1)
+        out: dict[str, int] = {}
+        for rows in await pipe.execute():
+            for row in rows:
+                out[_s(row["message_id"])] = int(row["times_delivered"])
+        return out
+
+    async def claim_own(self, stream: str, ids: Sequence[str], *, count: bool) -> dict[str, int]:
+        """Keep (touch) or re-deliver (count) entries this consumer still owns.
+
+        Returns id -> delivery count for the entries still ours; lost ones are left out.
+        """
+        if not ids:
+            return {}
+        mode = "count" if count else "touch"
+        reply = await self.scripts.claim_own(
+            keys=[stream], args=[self.group, self.consumer, mode, *ids]
+        )
+        return {i: int(c) for i, c in zip(ids, reply, strict=True) if int(c) >= 0}
+
+    # -- writing ------------------------------------------------------------------------
+    async def publish(self, events: Sequence[Outgoing]) -> list[str | None]:
+        """XADD each event once per dedup window; returns new entry ids (None: already there)."""
+        if not events:
+            return []
+        keys: list[str] = []
+        args: list[bytes | str | int] = [self.dedup_ttl_s]
+        for ev in events:
+            keys += [ev.stream, dedup_key(ev.stream, ev.event_id)]
+            args.append(ev.wire)
+        reply = await self.scripts.publish(keys=keys, args=args)
+        return [_s(r) if r else None for r in reply]
+
+    async def ack(self, entries: Iterable[StreamEntry]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for e in entries:
+            by_stream.setdefault(e.stream, []).append(e.id)
+        if not by_stream:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, self.group, *ids)
+        await pipe.execute()
+
+    # -- failures and the DLQ -----------------------------------------------------------
+    async def record_failure(self, entry: StreamEntry, error: str) -> None:
+        """Remember when an entry first and last failed, across processes (for the DLQ record)."""
+        key = failures_key(entry.stream, self.group, entry.id)
+        now = datetime.now(UTC).isoformat()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hsetnx(key, "first_failure", now)
+        pipe.hset(key, mapping={"last_failure": now, "last_error": error[:1000]})
+        pipe.hincrby(key, "failures", 1)
+        pipe.expire(key, FAILURES_TTL_S)
+        await pipe.execute()
+
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> list[str]:
+        """Copy each entry to the DLQ, then ack the original: both in one MULTI, so neither
+        a crash nor a race can ack an entry whose DLQ copy was not written."""
+        if not letters:
+            return []
+        read = self.redis.pipeline(transaction=False)
+        for dl in letters:
+            read.hgetall(failures_key(dl.entry.stream, self.group, dl.entry.id))
+        for dl, hist in zip(letters, await read.execute(), strict=True):
+            if hist:
+                dl.first_failure = _s(hist.get(b"first_failure", dl.first_failure))
+        pipe = self.redis.pipeline(transaction=True)
+        for dl in letters:
+            pipe.xadd(self.dlq_stream, dl.fields())  # type: ignore[arg-type]
+            pipe.xack(dl.entry.stream, self.group, dl.entry.id)
+            pipe.delete(failures_key(dl.entry.stream, self.group, dl.entry.id))
+        reply = await pipe.execute()
+        return [_s(reply[3 * i]) for i in range(len(letters))]
+
+    # -- housekeeping -------------------------------------------------------------------
+    async def trim(self, stream: str, *, retention_s: float) -> str | None:
+        """Drop entries every group is done with and that are older than `retention_s`."""
+        floor_ms = int((time.time() - retention_s) * 1000)
+        reply = await self.scripts.trim(keys=[stream], args=[f"{max(floor_ms, 0)}-0"])
+        return _s(reply) if reply else None
+
+    async def group_info(self, stream: str) -> dict[str, int]:
+        """pending and lag of this group on `stream` (lag -1 when Redis cannot tell)."""
+        try:
+            groups = await self.redis.xinfo_groups(stream)
+        except ResponseError:
+            return {"pending": 0, "lag": 0}
+        for g in groups:
+            if _s(g["name"]) == self.group:
+                lag = g.get("lag")
+                return {"pending": int(g["pending"]), "lag": int(lag) if lag is not None else -1}
+        return {"pending": 0, "lag": 0}

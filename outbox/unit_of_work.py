@@ -1,0 +1,153 @@
+"""The Postgres unit of work: idempotency record + action record + outbox rows, atomically.
+
+A whole batch commits in ONE statement (data-modifying CTEs), so a batch of 200 costs one
+round trip and one fsync. The idempotency insert is `ON CONFLICT DO NOTHING`: a key some
+other consumer already committed simply yields no row, and everything hanging off it (the
+action, the outbox rows) is skipped in the same statement. If the batch statement fails, each
+message is retried alone, so one bad message cannot hold back the other 199.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from bus.entry import Outgoing
+from schemas.envelope import Envelope
+
+_COMMIT_SQL = """
+WITH input AS (
+    SELECT * FROM unnest($2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::text[], $9::int[])
+        AS t(idempotency_key, input_event_id, session_id, input_type, stream, entry_id,
+             result, emitted)
+),
+idem AS (
+    INSERT INTO mesh_idempotency (agent, idempotency_key, input_event_id)
+    SELECT $1, idempotency_key, input_event_id FROM input
+    ON CONFLICT DO NOTHING
+    RETURNING idempotency_key
+),
+act AS (
+    INSERT INTO mesh_actions (agent, idempotency_key, session_id, input_event_id, input_type,
+                              stream, entry_id, result, emitted)
+    SELECT $1, i.idempotency_key, i.session_id, i.input_event_id, i.input_type, i.stream,
+           i.entry_id, i.result::jsonb, i.emitted
+    FROM input i JOIN idem USING (idempotency_key)
+    RETURNING id
+),
+ob AS (
+    INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, idempotency_key)
+    SELECT o.event_id, o.session_id, o.type, o.stream, o.envelope, $1, o.idempotency_key
+    FROM unnest($10::uuid[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
+         WITH ORDINALITY AS o(event_id, session_id, type, stream, envelope, idempotency_key, ord)
+    JOIN idem USING (idempotency_key)
+    ORDER BY o.ord
+    RETURNING id
+)
+SELECT idempotency_key FROM idem
+"""
+
+_STORED_SQL = """
+SELECT i.idempotency_key, o.stream, o.event_id::text AS event_id, o.envelope
+FROM mesh_idempotency i
+LEFT JOIN mesh_outbox o
+       ON o.agent = i.agent AND o.idempotency_key = i.idempotency_key AND o.stream IS NOT NULL
+WHERE i.agent = $1 AND i.idempotency_key = ANY($2::text[])
+ORDER BY o.id
+"""
+
+
+@dataclass(kw_only=True)
+class Work:
+    """One handled input, ready to commit: what the agent did and what it emits."""
+
+    idempotency_key: str
+    input: Envelope
+    stream: str
+    entry_id: str
+    result: Any = None
+    audit: list[Envelope] = field(default_factory=list)  # to Kafka only
+    handoffs: list[tuple[str, Envelope]] = field(default_factory=list)  # (stream, event)
+
+    def outgoing(self) -> list[Outgoing]:
+        return [Outgoing(s, e.event_id, e.to_wire()) for s, e in self.handoffs]
+
+
+@dataclass
+class CommitResult:
+    committed: list[Work] = field(default_factory=list)
+    duplicates: dict[str, list[Outgoing]] = field(default_factory=dict)  # key -> stored handoffs
+    failed: list[tuple[Work, Exception]] = field(default_factory=list)
+
+
+class UnitOfWork:
+    def __init__(self, pool: asyncpg.Pool, agent: str) -> None:
+        self.pool = pool
+        self.agent = agent
+
+    async def stored_handoffs(self, keys: Sequence[str]) -> dict[str, list[Outgoing]]:
+        """For keys already committed by this agent: the handoffs they emitted, in order."""
+        if not keys:
+            return {}
+        rows = await self.pool.fetch(_STORED_SQL, self.agent, list(keys))
+        out: dict[str, list[Outgoing]] = {}
+        for r in rows:
+            lst = out.setdefault(r["idempotency_key"], [])
+            if r["stream"] is not None:
+                lst.append(Outgoing(r["stream"], r["event_id"], r["envelope"]))
+        return out
+
+    async def commit(self, works: Sequence[Work]) -> CommitResult:
+        res = CommitResult()
+        if not works:
+            return res
+        try:
+            fresh = await self._commit(works)
+        except (asyncpg.PostgresError, ValueError, TypeError):
+            fresh = set()
+            for w in works:
+                try:
+                    fresh |= await self._commit([w])
+                except (asyncpg.PostgresError, ValueError, TypeError) as exc:
+                    res.failed.append((w, exc))
+            failed_keys = {w.idempotency_key for w, _ in res.failed}
+            works = [w for w in works if w.idempotency_key not in failed_keys]
+        res.committed = [w for w in works if w.idempotency_key in fresh]
+        dup_keys = [w.idempotency_key for w in works if w.idempotency_key not in fresh]
+        res.duplicates = await self.stored_handoffs(dup_keys)
+        return res
+
+    async def _commit(self, works: Sequence[Work]) -> set[str]:
+        cols: list[list[Any]] = [[] for _ in range(8)]
+        ocols: list[list[Any]] = [[] for _ in range(6)]
+        for w in works:
+            emitted = [(None, e) for e in w.audit] + [(s, e) for s, e in w.handoffs]
+            for col, val in zip(
+                cols,
+                (
+                    w.idempotency_key,
+                    w.input.event_id,
+                    w.input.session_id,
+                    w.input.type,
+                    w.stream,
+                    w.entry_id,
+                    json.dumps(w.result, default=str),
+                    len(w.handoffs),
+                ),
+                strict=True,
+            ):
+                col.append(val)
+            for stream, env in emitted:
+                for col, val in zip(
+                    ocols,
+                    (env.event_id, env.session_id, env.type, stream, env.to_json(), w.idempotency_key),
+                    strict=True,
+                ):
+                    col.append(val)
+        rows = await self.pool.fetch(_COMMIT_SQL, self.agent, *cols, *ocols)
+        return {r["idempotency_key"] for r in rows}

@@ -1,0 +1,20 @@
+"""The wire format: the event envelope, event ids, and the registry of event types."""
+
+from schemas.envelope import MAX_ENVELOPE_BYTES, Envelope
+from schemas.errors import PoisonMessage
+from schemas.ids import new_event_id, uuid7
+from schemas.registry import Decoded, EventType, Registry, registry
+
+__all__ = [
+    "MAX_ENVELOPE_BYTES",
+    "Decoded",
+    "Envelope",
+    "EventType",
+    "PoisonMessage",
+    "Registry",
+    "new_event_id",
+    "registry",
+    "uuid7",
+]
+
+import schemas.audit  # noqa: E402,F401  (registers the runtime's own audit event type)

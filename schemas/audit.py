@@ -1,0 +1,26 @@
+"""Audit events the runtime itself writes: one `mesh.action` per handled input.
+
+They go to the outbox (and so to Kafka) next to the handoffs, never onto a Redis stream, so a
+session replayed from Kafka shows what every agent did, not only what it passed on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from schemas.registry import registry
+
+ACTION = "mesh.action"
+
+
+class ActionRecorded(BaseModel):
+    agent: str
+    input_event_id: str
+    input_type: str
+    result: Any = None
+    emitted: list[str] = []
+
+
+registry.register(ACTION, ActionRecorded, stream=None)

@@ -1,0 +1,148 @@
+"""One local stack (Redis + PostgreSQL, real servers on loopback) for the whole test session.
+
+Servers get free ports and a temporary data dir; they are stopped when the session ends.
+Each test starts from empty streams and tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from agentmesh import devstack
+from outbox.migrate import migrate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.StackConfig]:
+    cfg = devstack.StackConfig(
+        root=tmp_path_factory.mktemp("stack"),
+        redis_port=devstack.free_port(),
+        pg_port=devstack.free_port(),
+        kafka_port=devstack.free_port(),
+        s3_port=devstack.free_port(),
+    )
+    try:
+        devstack.up(cfg, ("redis", "postgres"))
+        asyncio.run(migrate(cfg.postgres_dsn))
+        yield cfg
+    finally:
+        devstack.down(cfg, ("redis", "postgres"))
+
+
+@pytest.fixture(scope="session")
+def base_env(stack: devstack.StackConfig) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(
+        MESH_REDIS_URL=stack.redis_url,
+        MESH_POSTGRES_DSN=stack.postgres_dsn,
+        MESH_KAFKA_BOOTSTRAP=stack.kafka_bootstrap,
+        MESH_AGENTS_MODULE="tests.mesh_fixture",
+        MESH_HTTP_PORT="0",
+        MESH_CLAIM_IDLE_MS="1500",
+        MESH_RETRY_INITIAL_S="0.05",
+        MESH_RETRY_MAX_S="0.2",
+        MESH_GRACE_S="10",
+        MESH_LOG_LEVEL="INFO",
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture
+async def redis(stack: devstack.StackConfig) -> AsyncIterator[Redis]:
+    client = Redis.from_url(stack.redis_url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def pg(stack: devstack.StackConfig) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(stack.postgres_dsn)
+    await conn.execute("TRUNCATE mesh_idempotency, mesh_actions, mesh_outbox RESTART IDENTITY")
+    yield conn
+    await conn.close()
+
+
+class AgentProcess:
+    """A real `mesh agent run` process, as an operator would start it."""
+
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path, **extra: str) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
+        self._log = self.log_path.open("wb")
+        full_env = {**env, **extra}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agentmesh", "agent", "run", name],
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def agents(base_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    started: list[AgentProcess] = []
+
+    def start(name: str, **extra: str) -> AgentProcess:
+        p = AgentProcess(name, base_env, tmp_path, **extra)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.close()
+
+
+async def eventually(
+    check: Callable[[], Any], *, timeout: float = 30, interval: float = 0.1, what: str = ""
+) -> Any:
+    """Poll an async predicate until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: last={last!r}")

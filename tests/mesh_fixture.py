@@ -1,0 +1,93 @@
+"""Agents used by the integration tests, run as real processes (`mesh agent run -m tests.mesh_fixture`).
+
+Their handlers leave traces in Redis (`t:runs:<key>` counters) so tests can tell how often a
+handler ran, which may be more than once, from how often its effect happened, which must be once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from agents import Agent, Context, DependencySpec, NonRetryable, RetryPolicy
+from schemas import registry
+
+
+class Job(BaseModel):
+    n: int
+    sleep_ms: int = 0
+    fail: str | None = None  # "always" | "nonretryable"
+
+
+class JobDone(BaseModel):
+    n: int
+
+
+class DepCall(BaseModel):
+    n: int
+
+
+registry.register("job.created", Job, stream="t:jobs")
+registry.register("job.done", JobDone, stream="t:done")
+registry.register("job.final", JobDone, stream="t:final")
+registry.register("dep.call", DepCall, stream="t:dep")
+registry.register("dep.done", DepCall, stream="t:dep-done")
+
+_redis: Redis | None = None
+
+
+def redis() -> Redis:
+    global _redis
+    if _redis is None:
+        _redis = Redis.from_url(os.environ["MESH_REDIS_URL"])
+    return _redis
+
+
+worker = Agent("worker", emits=["job.done"])
+finisher = Agent("finisher", emits=["job.final"])
+caller = Agent(
+    "caller",
+    emits=["dep.done"],
+    dependencies=[
+        DependencySpec(
+            name="flaky", fail_max=2, reset_timeout_s=1.5, retry=RetryPolicy(attempts=1)
+        )
+    ],
+)
+
+
+@worker.handler("job.created")
+async def do_job(job: Job, ctx: Context) -> dict[str, int]:
+    await redis().incr(f"t:runs:{ctx.envelope.event_id}")
+    await redis().incr("t:started")
+    if job.sleep_ms:
+        await asyncio.sleep(job.sleep_ms / 1000)
+    if job.fail == "always":
+        raise RuntimeError(f"job {job.n} always fails")
+    if job.fail == "nonretryable":
+        raise NonRetryable(f"job {job.n} can never succeed")
+    ctx.emit("job.done", JobDone(n=job.n))
+    return {"n": job.n}
+
+
+@finisher.handler("job.done")
+async def finish(done: JobDone, ctx: Context) -> dict[str, int]:
+    ctx.emit("job.final", JobDone(n=done.n))
+    return {"n": done.n}
+
+
+async def _flaky_dependency(n: int) -> int:
+    await redis().incr("t:dep-attempts")
+    if await redis().exists("t:flaky-down"):
+        raise ConnectionError("flaky dependency is down")
+    return n
+
+
+@caller.handler("dep.call", needs=["flaky"])
+async def call_dep(msg: DepCall, ctx: Context) -> dict[str, int]:
+    value = await ctx.call("flaky", _flaky_dependency, msg.n)
+    ctx.emit("dep.done", DepCall(n=value))
+    return {"n": value}
