@@ -38,7 +38,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(agent_app, name="agent")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 EXIT_FAILED, EXIT_INPUT, EXIT_UNAVAILABLE = 1, 2, 3
 

@@ -1,0 +1,111 @@
+"""The `mesh` command's contract (exit codes, one-line errors, --json) and the agent's HTTP endpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import asyncpg
+from redis.asyncio import Redis
+
+from agentmesh import devstack
+from tests.conftest import ROOT, AgentProcess, eventually
+from tests.helpers import actions, job, publish
+
+
+def mesh(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agentmesh", *args],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, input=stdin,
+    )
+
+
+def test_publish_rejects_bad_input_with_one_line_and_exit_2(base_env: dict[str, str]) -> None:
+    cases = [
+        ["publish", "t:jobs", "--type", "job.created", "--payload", "{nope"],
+        ["publish", "t:jobs", "--type", "job.created", "--payload", '{"n": "x"}'],
+        ["publish", "t:jobs", "--type", "no.such", "--payload", "{}"],
+        ["publish", "t:other", "--type", "job.created", "--payload", '{"n": 1}'],
+        ["publish", "t:jobs", "--type", "job.created", "--payload", "@/does/not/exist"],
+        ["agent", "run", "nobody"],
+    ]
+    for args in cases:
+        r = mesh(base_env, *args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.startswith("error:"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+async def test_publish_from_stdin_writes_a_valid_envelope(base_env: dict[str, str], redis: Redis) -> None:
+    r = mesh(base_env, "publish", "t:jobs", "-t", "job.created", "-p", "-", "--json", stdin='{"n": 3}')
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    ((_, fields),) = await redis.xrange("t:jobs")
+    env = json.loads(fields[b"envelope"])
+    assert env["event_id"] == out["event_id"] and env["payload"] == {"n": 3, "sleep_ms": 0, "fail": None}
+    assert out["session_id"].startswith("s-")
+
+
+def test_unreachable_server_exits_3(base_env: dict[str, str]) -> None:
+    env = {**base_env, "MESH_REDIS_URL": f"redis://127.0.0.1:{devstack.free_port()}/0"}
+    r = mesh(env, "publish", "t:jobs", "-t", "job.created", "-p", '{"n": 1}')
+    assert r.returncode == 3 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_agent_list_json(base_env: dict[str, str]) -> None:
+    r = mesh(base_env, "agent", "list", "--json")
+    assert r.returncode == 0
+    names = {a["name"] for a in json.loads(r.stdout)}
+    assert {"worker", "finisher", "caller"} <= names
+
+
+def test_db_migrate_is_idempotent(base_env: dict[str, str]) -> None:
+    r = mesh(base_env, "db", "migrate", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == []
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def test_health_ready_and_metrics(
+    redis: Redis, pg: asyncpg.Connection, agents: Callable[..., AgentProcess]
+) -> None:
+    port = devstack.free_port()
+    agents("worker", MESH_HTTP_PORT=str(port))
+    base = f"http://127.0.0.1:{port}"
+
+    async def ready() -> bool:
+        try:
+            return _get(base + "/readyz")[0] == 200
+        except OSError:
+            return False
+
+    await eventually(ready, what="/readyz")
+    assert _get(base + "/healthz") == (200, "ok")
+    await publish(redis, [job(1), job(2)])
+    await eventually(lambda: _at(pg, 2), what="processed")
+
+    async def counted() -> bool:
+        return 'mesh_messages_processed_total{agent="worker",type="job.created"} 2.0' in _get(
+            base + "/metrics"
+        )[1]
+
+    await eventually(counted, what="metrics")
+    body = _get(base + "/metrics")[1]
+    for name in ("mesh_handler_seconds_bucket", "mesh_batch_size_bucket", "mesh_group_pending",
+                 "mesh_group_lag"):
+        assert name in body
+    assert _get(base + "/nope")[0] == 404
+
+
+async def _at(pg: asyncpg.Connection, n: int) -> bool:
+    return await actions(pg, "worker") >= n
