@@ -30,7 +30,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-dev_app = typer.Typer(help="The local stack: Redis, PostgreSQL and a Kafka-compatible broker.", no_args_is_help=True)
+dev_app = typer.Typer(
+    help="The local stack: Redis, PostgreSQL and a Kafka-compatible broker.", no_args_is_help=True
+)
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 agent_app = typer.Typer(help="Run and list agents.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
@@ -184,7 +186,8 @@ def load_agents(module: str | None) -> dict[str, Any]:
 
 
 ModuleOpt = Annotated[
-    str | None, typer.Option("--module", "-m", help="Module defining the agents (MESH_AGENTS_MODULE).")
+    str | None,
+    typer.Option("--module", "-m", help="Module defining the agents (MESH_AGENTS_MODULE)."),
 ]
 
 
@@ -192,7 +195,9 @@ ModuleOpt = Annotated[
 def agent_run(
     name: str,
     module: ModuleOpt = None,
-    http_port: Annotated[int | None, typer.Option(help="Port of /healthz /readyz /metrics.")] = None,
+    http_port: Annotated[
+        int | None, typer.Option(help="Port of /healthz /readyz /metrics.")
+    ] = None,
     consumers: Annotated[int | None, typer.Option(help="Consumer loops in this process.")] = None,
 ) -> None:
     """Run one agent type as this process, until SIGTERM/SIGINT."""
@@ -247,9 +252,15 @@ def read_payload(raw: str) -> Any:
 def publish(
     stream: Annotated[str, typer.Argument(help="Target stream (must be the type's stream).")],
     event_type: Annotated[str, typer.Option("--type", "-t", help="Event type.")],
-    session: Annotated[str | None, typer.Option("--session", "-s", help="Session id (new if omitted).")] = None,
-    payload: Annotated[str, typer.Option("--payload", "-p", help="JSON, @file or - for stdin.")] = "{}",
-    idempotency_key: Annotated[str | None, typer.Option(help="Dedup key (default: the event id).")] = None,
+    session: Annotated[
+        str | None, typer.Option("--session", "-s", help="Session id (new if omitted).")
+    ] = None,
+    payload: Annotated[
+        str, typer.Option("--payload", "-p", help="JSON, @file or - for stdin.")
+    ] = "{}",
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Dedup key (default: the event id).")
+    ] = None,
     module: ModuleOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -274,7 +285,12 @@ def publish(
     if expected != stream:
         fail(f"{event_type} travels on stream {expected!r}, not {stream!r}", EXIT_INPUT)
     entry_id = run(_publish(settings(), stream, env))
-    result = {"event_id": env.event_id, "session_id": env.session_id, "stream": stream, "entry_id": entry_id}
+    result = {
+        "event_id": env.event_id,
+        "session_id": env.session_id,
+        "stream": stream,
+        "entry_id": entry_id,
+    }
     if as_json:
         emit_json(result)
     else:

@@ -1,4 +1,5 @@
-"""Settings from environment variables (prefix `MESH_`) or a TOML file (`MESH_CONFIG`, default ./mesh.toml).
+"""Settings from environment variables (prefix `MESH_`) or a TOML file (`MESH_CONFIG`,
+default ./mesh.toml).
 
 One flat settings object keeps the knobs discoverable: `mesh config` prints them all.
 """
@@ -24,9 +25,12 @@ class Settings(BaseSettings):
     postgres_dsn: str = "postgresql://mesh@127.0.0.1:5440/mesh"
     kafka_bootstrap: str = "127.0.0.1:9093"
 
-    dev_root: str = Field(default=".mesh", description="data dir of `mesh dev` (inside the project)")
+    dev_root: str = Field(
+        default=".mesh", description="data dir of `mesh dev` (inside the project)"
+    )
     agents_module: str = Field(
-        default="agents.examples", description="module that defines the agents `mesh agent run` knows"
+        default="agents.examples",
+        description="module that defines the agents `mesh agent run` knows",
     )
 
     batch_size: int = Field(default=200, ge=1, description="entries per XREADGROUP and per commit")

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from agents.resilience import DependencySpec
-from schemas.registry import Registry, registry as default_registry
+from schemas.registry import Registry
+from schemas.registry import registry as default_registry
 
 if TYPE_CHECKING:
     from agents.context import Context

@@ -10,34 +10,61 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.processed = Counter(
-            "mesh_messages_processed", "Inputs whose unit of work committed", ["agent", "type"], registry=r
+            "mesh_messages_processed",
+            "Inputs whose unit of work committed",
+            ["agent", "type"],
+            registry=r,
         )
         self.duplicates = Counter(
-            "mesh_messages_duplicate", "Redeliveries detected by idempotency key", ["agent"], registry=r
+            "mesh_messages_duplicate",
+            "Redeliveries detected by idempotency key",
+            ["agent"],
+            registry=r,
         )
         self.retried = Counter(
-            "mesh_messages_retried", "Deliveries scheduled again after a failure", ["agent", "type"], registry=r
+            "mesh_messages_retried",
+            "Deliveries scheduled again after a failure",
+            ["agent", "type"],
+            registry=r,
         )
         self.failed = Counter(
             "mesh_messages_failed", "Handler or commit failures", ["agent", "type"], registry=r
         )
         self.dead_lettered = Counter(
-            "mesh_messages_dead_lettered", "Entries copied to the DLQ", ["agent", "reason"], registry=r
+            "mesh_messages_dead_lettered",
+            "Entries copied to the DLQ",
+            ["agent", "reason"],
+            registry=r,
         )
         self.handler_seconds = Histogram(
-            "mesh_handler_seconds", "Handler latency", ["agent", "type"], registry=r,
+            "mesh_handler_seconds",
+            "Handler latency",
+            ["agent", "type"],
+            registry=r,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300),
         )
         self.batch_size = Histogram(
-            "mesh_batch_size", "Entries per processed batch", ["agent"], registry=r,
+            "mesh_batch_size",
+            "Entries per processed batch",
+            ["agent"],
+            registry=r,
             buckets=(1, 2, 5, 10, 25, 50, 100, 200, 500, 1000),
         )
         self.breaker_state = Gauge(
-            "mesh_breaker_state", "0 closed, 1 half-open, 2 open", ["agent", "dependency"], registry=r
+            "mesh_breaker_state",
+            "0 closed, 1 half-open, 2 open",
+            ["agent", "dependency"],
+            registry=r,
         )
         self.pending = Gauge(
-            "mesh_group_pending", "Delivered, not yet acked entries of the group", ["agent", "stream"], registry=r
+            "mesh_group_pending",
+            "Delivered, not yet acked entries of the group",
+            ["agent", "stream"],
+            registry=r,
         )
         self.lag = Gauge(
-            "mesh_group_lag", "Entries not yet delivered to the group", ["agent", "stream"], registry=r
+            "mesh_group_lag",
+            "Entries not yet delivered to the group",
+            ["agent", "stream"],
+            registry=r,
         )

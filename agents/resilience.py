@@ -77,7 +77,7 @@ class Dependency:
 
     @property
     def state(self) -> str:
-        """'closed', 'open' or 'half-open' (an open breaker whose timeout passed reads 'half-open')."""
+        """'closed', 'open' or 'half-open' (open with its timeout passed reads 'half-open')."""
         st = self.breaker.current_state
         if st == CircuitBreakerState.OPEN:
             return "half-open" if self._timeout_elapsed() else "open"

@@ -189,7 +189,9 @@ class ConsumerLoop:
                 decoded = agent.registry.decode(e.raw)
                 spec = agent.handlers.get(decoded.envelope.type)
                 if spec is None:
-                    raise NoHandler(f"agent {agent.name!r} has no handler for {decoded.envelope.type!r}")
+                    raise NoHandler(
+                        f"agent {agent.name!r} has no handler for {decoded.envelope.type!r}"
+                    )
             except PoisonMessage as exc:
                 dead.append(self._letter(e, exc, exc.reason, with_tb=False))
                 continue
@@ -206,7 +208,13 @@ class ConsumerLoop:
             await self.streams.dead_letter(dead)
             for d in dead:
                 m.dead_lettered.labels(agent.name, d.reason).inc()
-                log.warning("dead-lettered", stream=d.entry.stream, id=d.entry.id, reason=d.reason, error=d.error)
+                log.warning(
+                    "dead-lettered",
+                    stream=d.entry.stream,
+                    id=d.entry.id,
+                    reason=d.reason,
+                    error=d.error,
+                )
 
         # redeliveries of work already committed: re-send what is stored, do not run again
         stored = await self.uow.stored_handoffs([d.envelope.idempotency_key for _, d, _ in ready])
@@ -220,7 +228,9 @@ class ConsumerLoop:
             for e, _, _ in todo:
                 self.inflight.pop((e.stream, e.id), None)
         works = [o for o in outcomes if isinstance(o, Work)]
-        failures = [(t[0], o) for t, o in zip(todo, outcomes, strict=True) if isinstance(o, Exception)]
+        failures = [
+            (t[0], o) for t, o in zip(todo, outcomes, strict=True) if isinstance(o, Exception)
+        ]
 
         result = await self.uow.commit(works)
         faults.point("after_commit")
@@ -232,7 +242,6 @@ class ConsumerLoop:
         faults.point("after_publish")
 
         ok_keys = done_keys | {w.idempotency_key for w in result.committed}
-        by_key = {w.idempotency_key: w for w in works}
         to_ack = [e for e, d, _ in ready if d.envelope.idempotency_key in ok_keys]
         to_ack += [e for e, k in followers if k in ok_keys]
         await self.streams.ack(to_ack)
@@ -241,16 +250,17 @@ class ConsumerLoop:
             m.processed.labels(agent.name, w.input.type).inc()
         if done_keys:
             m.duplicates.labels(agent.name).inc(len(done_keys))
-        for w, exc in result.failed:
-            failures.append((leaders[w.idempotency_key], exc))
+        for w, commit_error in result.failed:
+            failures.append((leaders[w.idempotency_key], commit_error))
         for e, k in followers:
             if k not in ok_keys:
                 self._schedule(e, delay=s.retry_initial_s, count=True)
-        del by_key
         if failures:
             await self._failed(failures)
 
-    async def _run(self, entry: StreamEntry, decoded: Decoded, spec: HandlerSpec) -> Work | Exception:
+    async def _run(
+        self, entry: StreamEntry, decoded: Decoded, spec: HandlerSpec
+    ) -> Work | Exception:
         r = self.runner
         env = decoded.envelope
         async with self.sem:
@@ -315,16 +325,30 @@ class ConsumerLoop:
                 delay = min(s.retry_initial_s * 2 ** (e.deliveries - 1), s.retry_max_s)
                 self._schedule(e, delay=delay * random.uniform(0.8, 1.2), count=True)
                 m.retried.labels(name, etype).inc()
-                log.info("handler failed, will retry", id=e.id, deliveries=e.deliveries, error=str(exc))
+                log.info(
+                    "handler failed, will retry", id=e.id, deliveries=e.deliveries, error=str(exc)
+                )
         if dead:
             await self.streams.dead_letter(dead)
             for d in dead:
                 m.dead_lettered.labels(name, d.reason).inc()
-                log.warning("dead-lettered", stream=d.entry.stream, id=d.entry.id, reason=d.reason, error=d.error)
+                log.warning(
+                    "dead-lettered",
+                    stream=d.entry.stream,
+                    id=d.entry.id,
+                    reason=d.reason,
+                    error=d.error,
+                )
 
-    def _letter(self, e: StreamEntry, exc: BaseException, reason: str, *, with_tb: bool = True) -> DeadLetter:
+    def _letter(
+        self, e: StreamEntry, exc: BaseException, reason: str, *, with_tb: bool = True
+    ) -> DeadLetter:
         return DeadLetter.from_exception(
-            e, exc, reason=reason, group=self.runner.agent.name, agent=self.runner.agent.name,
+            e,
+            exc,
+            reason=reason,
+            group=self.runner.agent.name,
+            agent=self.runner.agent.name,
             with_traceback=with_tb,
         )
 
@@ -336,7 +360,7 @@ class ConsumerLoop:
         while not stop.is_set():
             await asyncio.sleep(interval)
             by_stream: dict[str, list[str]] = {}
-            for (stream, entry_id) in list(self.inflight):
+            for stream, entry_id in list(self.inflight):
                 by_stream.setdefault(stream, []).append(entry_id)
             for rt in self.retries:
                 by_stream.setdefault(rt.entry.stream, []).append(rt.entry.id)
@@ -348,7 +372,9 @@ class ConsumerLoop:
                     continue
                 lost = set(ids) - set(owned)
                 if lost:
-                    log.warning("claims lost to another consumer", stream=stream, ids=sorted(lost)[:5])
+                    log.warning(
+                        "claims lost to another consumer", stream=stream, ids=sorted(lost)[:5]
+                    )
                     self.retries = [x for x in self.retries if x.entry.id not in lost]
                     heapq.heapify(self.retries)
 
@@ -409,8 +435,11 @@ class Runner:
         for stream in self.agent.streams:
             await self.loops[0].streams.ensure_group(stream)
         self.http = HealthServer(
-            host=s.http_host, port=s.http_port, metrics=self.metrics.registry,
-            live=self._live, ready=self._readyz,
+            host=s.http_host,
+            port=s.http_port,
+            metrics=self.metrics.registry,
+            live=self._live,
+            ready=self._readyz,
         )
         port = await self.http.start()
         for lp in self.loops:
@@ -418,8 +447,13 @@ class Runner:
             self._tasks.append(asyncio.create_task(self._guard(lp.heartbeat, lp.name + "/hb")))
         self._tasks.append(asyncio.create_task(self._guard(self._housekeeping, "housekeeping")))
         self._ready = True
-        log.info("agent started", agent=self.agent.name, streams=self.agent.streams,
-                 consumers=len(self.loops), http_port=port)
+        log.info(
+            "agent started",
+            agent=self.agent.name,
+            streams=self.agent.streams,
+            consumers=len(self.loops),
+            http_port=port,
+        )
 
     async def _guard(self, fn: Any, name: str) -> None:
         """Run a loop; on an unexpected error (Redis or Postgres down) log, back off, go on."""
@@ -442,8 +476,9 @@ class Runner:
         """Stop reading; give in-flight batches `grace_s` to finish; leave the rest pending."""
         self.stop_event.set()
         self._ready = False
-        loops = [t for t in self._tasks]
-        done, not_done = await asyncio.wait(loops, timeout=self.settings.grace_s) if loops else (set(), set())
+        not_done: set[asyncio.Task[None]] = set()
+        if self._tasks:
+            _, not_done = await asyncio.wait(self._tasks, timeout=self.settings.grace_s)
         for t in not_done:
             t.cancel()
         await asyncio.gather(*not_done, return_exceptions=True)

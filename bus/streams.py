@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -61,7 +62,9 @@ class Streams:
                 raise
 
     # -- reading ------------------------------------------------------------------------
-    async def read(self, streams: Sequence[str], *, count: int, block_ms: int | None) -> list[StreamEntry]:
+    async def read(
+        self, streams: Sequence[str], *, count: int, block_ms: int | None
+    ) -> list[StreamEntry]:
         """New entries for this group. A deleted stream or group (NOGROUP) is re-created once."""
         if not streams:
             return []
@@ -76,7 +79,8 @@ class Streams:
                 await self.ensure_group(s)
             return []
         out: list[StreamEntry] = []
-        for stream, entries in reply or []:
+        rows: list[Any] = list(reply or [])
+        for stream, entries in rows:
             name = _s(stream)
             for entry_id, fields in entries:
                 if fields is None:  # deleted while pending (Redis < 7 shape)

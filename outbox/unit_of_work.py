@@ -145,7 +145,14 @@ class UnitOfWork:
             for stream, env in emitted:
                 for col, val in zip(
                     ocols,
-                    (env.event_id, env.session_id, env.type, stream, env.to_json(), w.idempotency_key),
+                    (
+                        env.event_id,
+                        env.session_id,
+                        env.type,
+                        stream,
+                        env.to_json(),
+                        w.idempotency_key,
+                    ),
                     strict=True,
                 ):
                     col.append(val)

@@ -17,4 +17,4 @@ __all__ = [
     "uuid7",
 ]
 
-import schemas.audit  # noqa: E402,F401  (registers the runtime's own audit event type)
+import schemas.audit  # noqa: F401  (registers the runtime's own audit event type)

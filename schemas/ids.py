@@ -17,7 +17,7 @@ _counter = 0
 
 
 def uuid7() -> uuid.UUID:
-    """A UUIDv7: 48-bit Unix milliseconds, a 12-bit counter for ids made in the same ms, random bits."""
+    """A UUIDv7: 48-bit Unix ms, a 12-bit counter for ids made in the same ms, random bits."""
     global _last_ms, _counter
     with _lock:
         ms = time.time_ns() // 1_000_000

@@ -1,4 +1,4 @@
-"""Event types: which payload model each has, at which schema version, and on which stream it travels.
+"""Event types: which payload model each has, at which schema version, on which stream.
 
 Old events must still load years later (replay from Kafka), so every type keeps a chain of
 upcasters: `v1 -> v2 -> ... -> current`. A consumer always sees the current model.
@@ -85,9 +85,7 @@ class Registry:
             raise ValueError(f"event type {name!r} is audit-only and has no stream")
         return stream
 
-    def make(
-        self, name: str, payload: BaseModel | dict[str, Any], **fields: Any
-    ) -> Envelope:
+    def make(self, name: str, payload: BaseModel | dict[str, Any], **fields: Any) -> Envelope:
         """Build an envelope for `name`, validating the payload against the current model."""
         et = self.get(name)
         data = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload

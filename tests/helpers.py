@@ -7,8 +7,8 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from bus import Outgoing, Streams
 import tests.mesh_fixture  # noqa: F401  (registers the test event types)
+from bus import Outgoing, Streams
 from schemas import Envelope, registry
 
 
@@ -21,7 +21,10 @@ async def publish(redis: Redis, envelopes: list[Envelope]) -> None:
     chunk = 500
     for i in range(0, len(envelopes), chunk):
         await bus.publish(
-            [Outgoing(registry.stream_of(e.type), e.event_id, e.to_wire()) for e in envelopes[i : i + chunk]]
+            [
+                Outgoing(registry.stream_of(e.type), e.event_id, e.to_wire())
+                for e in envelopes[i : i + chunk]
+            ]
         )
 
 

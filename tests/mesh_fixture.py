@@ -1,4 +1,4 @@
-"""Agents used by the integration tests, run as real processes (`mesh agent run -m tests.mesh_fixture`).
+"""Agents the integration tests run as real processes (`mesh agent run -m tests.mesh_fixture`).
 
 Their handlers leave traces in Redis (`t:runs:<key>` counters) so tests can tell how often a
 handler ran, which may be more than once, from how often its effect happened, which must be once.
@@ -52,9 +52,7 @@ caller = Agent(
     "caller",
     emits=["dep.done"],
     dependencies=[
-        DependencySpec(
-            name="flaky", fail_max=2, reset_timeout_s=1.5, retry=RetryPolicy(attempts=1)
-        )
+        DependencySpec(name="flaky", fail_max=2, reset_timeout_s=1.5, retry=RetryPolicy(attempts=1))
     ],
 )
 

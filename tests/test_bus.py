@@ -73,7 +73,9 @@ async def test_dead_letter_copies_then_acks(redis: Redis) -> None:
     await g.ensure_group("s")
     (entry,) = await g.read(["s"], count=1, block_ms=None)
     await g.record_failure(entry, "boom")
-    letter = DeadLetter.from_exception(entry, ValueError("bad"), reason="malformed_json", group="g", agent="a")
+    letter = DeadLetter.from_exception(
+        entry, ValueError("bad"), reason="malformed_json", group="g", agent="a"
+    )
     await g.dead_letter([letter])
     (row,) = await redis.xrange("dlq")
     fields = row[1]

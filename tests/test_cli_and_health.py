@@ -1,4 +1,4 @@
-"""The `mesh` command's contract (exit codes, one-line errors, --json) and the agent's HTTP endpoints."""
+"""The `mesh` command's contract (exit codes, one-line errors, --json) and /healthz /metrics."""
 
 from __future__ import annotations
 
@@ -17,10 +17,17 @@ from tests.conftest import ROOT, AgentProcess, eventually
 from tests.helpers import actions, job, publish
 
 
-def mesh(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def mesh(
+    env: dict[str, str], *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agentmesh", *args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, input=stdin,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input=stdin,
     )
 
 
@@ -40,13 +47,21 @@ def test_publish_rejects_bad_input_with_one_line_and_exit_2(base_env: dict[str, 
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-async def test_publish_from_stdin_writes_a_valid_envelope(base_env: dict[str, str], redis: Redis) -> None:
-    r = mesh(base_env, "publish", "t:jobs", "-t", "job.created", "-p", "-", "--json", stdin='{"n": 3}')
+async def test_publish_from_stdin_writes_a_valid_envelope(
+    base_env: dict[str, str], redis: Redis
+) -> None:
+    r = mesh(
+        base_env, "publish", "t:jobs", "-t", "job.created", "-p", "-", "--json", stdin='{"n": 3}'
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     ((_, fields),) = await redis.xrange("t:jobs")
     env = json.loads(fields[b"envelope"])
-    assert env["event_id"] == out["event_id"] and env["payload"] == {"n": 3, "sleep_ms": 0, "fail": None}
+    assert env["event_id"] == out["event_id"] and env["payload"] == {
+        "n": 3,
+        "sleep_ms": 0,
+        "fail": None,
+    }
     assert out["session_id"].startswith("s-")
 
 
@@ -95,14 +110,19 @@ async def test_health_ready_and_metrics(
     await eventually(lambda: _at(pg, 2), what="processed")
 
     async def counted() -> bool:
-        return 'mesh_messages_processed_total{agent="worker",type="job.created"} 2.0' in _get(
-            base + "/metrics"
-        )[1]
+        return (
+            'mesh_messages_processed_total{agent="worker",type="job.created"} 2.0'
+            in _get(base + "/metrics")[1]
+        )
 
     await eventually(counted, what="metrics")
     body = _get(base + "/metrics")[1]
-    for name in ("mesh_handler_seconds_bucket", "mesh_batch_size_bucket", "mesh_group_pending",
-                 "mesh_group_lag"):
+    for name in (
+        "mesh_handler_seconds_bucket",
+        "mesh_batch_size_bucket",
+        "mesh_group_pending",
+        "mesh_group_lag",
+    ):
         assert name in body
     assert _get(base + "/nope")[0] == 404
 

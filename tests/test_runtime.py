@@ -25,9 +25,25 @@ async def test_handoff_across_two_agent_processes(
     agents("worker")
     agents("finisher")
     out = subprocess.run(
-        [sys.executable, "-m", "agentmesh", "publish", "t:jobs", "--type", "job.created",
-         "--session", "s-handoff", "--payload", '{"n": 7}', "--json"],
-        env=base_env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "agentmesh",
+            "publish",
+            "t:jobs",
+            "--type",
+            "job.created",
+            "--session",
+            "s-handoff",
+            "--payload",
+            '{"n": 7}',
+            "--json",
+        ],
+        env=base_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     published = json.loads(out.stdout)
@@ -46,12 +62,18 @@ async def test_handoff_across_two_agent_processes(
     # each action also wrote its audit event to the outbox, next to the handoff
     types = await pg.fetch("SELECT agent, type, stream FROM mesh_outbox ORDER BY id")
     assert Counter((r["agent"], r["type"]) for r in types) == Counter(
-        {("worker", "mesh.action"): 1, ("worker", "job.done"): 1,
-         ("finisher", "mesh.action"): 1, ("finisher", "job.final"): 1}
+        {
+            ("worker", "mesh.action"): 1,
+            ("worker", "job.done"): 1,
+            ("finisher", "mesh.action"): 1,
+            ("finisher", "job.final"): 1,
+        }
     )
 
 
-async def test_same_message_delivered_twice(redis: Redis, pg: asyncpg.Connection, agents: Start) -> None:
+async def test_same_message_delivered_twice(
+    redis: Redis, pg: asyncpg.Connection, agents: Start
+) -> None:
     env = job(1)
     wire = env.to_wire()
     # bypass publish-side dedup: the same envelope lands twice in the stream
@@ -135,20 +157,28 @@ async def _crash_at(point: str, redis: Redis, pg: asyncpg.Connection, agents: St
     assert max(reruns) == 1
 
 
-async def test_crash_between_commit_and_xadd(redis: Redis, pg: asyncpg.Connection, agents: Start) -> None:
+async def test_crash_between_commit_and_xadd(
+    redis: Redis, pg: asyncpg.Connection, agents: Start
+) -> None:
     await _crash_at("after_commit", redis, pg, agents)
 
 
-async def test_crash_between_xadd_and_xack(redis: Redis, pg: asyncpg.Connection, agents: Start) -> None:
+async def test_crash_between_xadd_and_xack(
+    redis: Redis, pg: asyncpg.Connection, agents: Start
+) -> None:
     await _crash_at("after_publish", redis, pg, agents)
 
 
-async def test_poison_goes_to_dlq_at_once(redis: Redis, pg: asyncpg.Connection, agents: Start) -> None:
+async def test_poison_goes_to_dlq_at_once(
+    redis: Redis, pg: asyncpg.Connection, agents: Start
+) -> None:
     good = job(1)
     base = json.loads(good.to_wire())
     bad: dict[str, bytes] = {
         "malformed_json": b"{not json",
-        "unknown_type": json.dumps({**base, "event_id": job(2).event_id, "type": "no.such"}).encode(),
+        "unknown_type": json.dumps(
+            {**base, "event_id": job(2).event_id, "type": "no.such"}
+        ).encode(),
         "unsupported_schema_version": json.dumps(
             {**base, "event_id": job(3).event_id, "schema_version": 99}
         ).encode(),
@@ -234,7 +264,9 @@ async def _gte(redis: Redis, key: str, n: int) -> bool:
     return int(await redis.get(key) or 0) >= n
 
 
-async def test_sigterm_drains_in_flight_work(redis: Redis, pg: asyncpg.Connection, agents: Start) -> None:
+async def test_sigterm_drains_in_flight_work(
+    redis: Redis, pg: asyncpg.Connection, agents: Start
+) -> None:
     sent = [job(i, sleep_ms=1500) for i in range(30)]
     await publish(redis, sent)
     p = agents("worker", MESH_BATCH_SIZE="10", MESH_CONCURRENCY="10")
@@ -248,7 +280,9 @@ async def test_sigterm_drains_in_flight_work(redis: Redis, pg: asyncpg.Connectio
     await _assert_exactly_once(redis, pg, sent)
 
 
-async def test_long_handler_keeps_its_claim(redis: Redis, pg: asyncpg.Connection, agents: Start) -> None:
+async def test_long_handler_keeps_its_claim(
+    redis: Redis, pg: asyncpg.Connection, agents: Start
+) -> None:
     slow = job(1, sleep_ms=4500)  # three times the 1.5 s reclaim idle time
     agents("worker")
     agents("worker")
@@ -258,7 +292,9 @@ async def test_long_handler_keeps_its_claim(redis: Redis, pg: asyncpg.Connection
     assert int(await redis.get(f"t:runs:{slow.event_id}") or 0) == 1, "handed to a 2nd consumer"
 
 
-async def test_stream_deleted_under_a_running_agent(redis: Redis, pg: asyncpg.Connection, agents: Start) -> None:
+async def test_stream_deleted_under_a_running_agent(
+    redis: Redis, pg: asyncpg.Connection, agents: Start
+) -> None:
     p = agents("worker")
     await publish(redis, [job(1)])
     await eventually(lambda: _at_least(pg, 1), what="first")

@@ -54,15 +54,26 @@ def test_envelope_defaults_and_round_trip() -> None:
     assert env.idempotency_key == env.event_id
     assert Envelope.model_validate_json(env.to_wire()) == env
     assert set(json.loads(env.to_wire())) == {
-        "event_id", "session_id", "causation_id", "type", "schema_version", "source",
-        "created_at", "idempotency_key", "payload",
+        "event_id",
+        "session_id",
+        "causation_id",
+        "type",
+        "schema_version",
+        "source",
+        "created_at",
+        "idempotency_key",
+        "payload",
     }
 
 
 def test_old_versions_are_upcast() -> None:
     reg = make_registry()
-    old = Envelope(session_id="s", type="user.joined", schema_version=1,
-                   payload={"first": "Ada", "last": "Lovelace"})
+    old = Envelope(
+        session_id="s",
+        type="user.joined",
+        schema_version=1,
+        payload={"first": "Ada", "last": "Lovelace"},
+    )
     decoded = reg.decode(old.to_wire())
     assert decoded.payload == V2(full_name="Ada Lovelace", tier="free")
 
@@ -74,14 +85,24 @@ def test_old_versions_are_upcast() -> None:
         (b"[1, 2]", MalformedEnvelope),
         (json.dumps({"type": "user.joined"}).encode(), MalformedEnvelope),
         (Envelope(session_id="s", type="nope").to_wire(), UnknownEventType),
-        (Envelope(session_id="s", type="user.joined", schema_version=4).to_wire(),
-         UnsupportedSchemaVersion),
-        (Envelope(session_id="s", type="user.joined", schema_version=3,
-                  payload={"tier": 1}).to_wire(), SchemaViolation),
-        (Envelope(session_id="s", type="user.joined", payload={"x": "y" * 4000}).to_wire(),
-         Oversize),
-        (json.dumps({"event_id": "123", "session_id": "s", "type": "user.joined"}).encode(),
-         MalformedEnvelope),
+        (
+            Envelope(session_id="s", type="user.joined", schema_version=4).to_wire(),
+            UnsupportedSchemaVersion,
+        ),
+        (
+            Envelope(
+                session_id="s", type="user.joined", schema_version=3, payload={"tier": 1}
+            ).to_wire(),
+            SchemaViolation,
+        ),
+        (
+            Envelope(session_id="s", type="user.joined", payload={"x": "y" * 4000}).to_wire(),
+            Oversize,
+        ),
+        (
+            json.dumps({"event_id": "123", "session_id": "s", "type": "user.joined"}).encode(),
+            MalformedEnvelope,
+        ),
     ],
 )
 def test_poison_is_classified(raw: bytes, error: type[Exception]) -> None:
