@@ -1,1 +1,1 @@
-"""The `mesh` command, settings and the local stack that tie agents/, bus/, outbox/ and schemas/ together."""
+"""The `mesh` command, settings and the local stack: what ties agents/, bus/, outbox/, schemas/."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -39,7 +40,7 @@ app.add_typer(dev_app, name="dev")
 app.add_typer(db_app, name="db")
 app.add_typer(agent_app, name="agent")
 
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)  # piped output: do not wrap at 80
 err = Console(stderr=True, soft_wrap=True)
 
 EXIT_FAILED, EXIT_INPUT, EXIT_UNAVAILABLE = 1, 2, 3
@@ -82,6 +83,7 @@ def stack_config(s: Settings) -> Any:
         redis_port=redis.port or 6379,
         pg_port=pg.port or 5432,
         kafka_port=kafka_port,
+        s3_port=s.dev_s3_port,
         pg_user=pg.username or "mesh",
         pg_db=(pg.path or "/mesh").lstrip("/") or "mesh",
     )
@@ -311,6 +313,21 @@ async def _publish(s: Settings, stream: str, env: Any) -> str | None:
         await redis.aclose()
 
 
+@app.command("demo")
+def demo(
+    tasks: Annotated[int, typer.Option(min=1, max=1000, help="Tasks to publish.")] = 3,
+    keep: Annotated[bool, typer.Option(help="Leave the local stack running afterwards.")] = False,
+) -> None:
+    """Stack up, two agents as processes, tasks published, the handoffs shown, all stopped."""
+    from agentmesh.demo import run_demo
+
+    s = settings()
+    result = run_demo(s, stack_config(s), tasks=tasks, keep=keep, console=out)
+    out.print(f"done in {result.elapsed_s:.1f} s")
+    if result.completed < tasks:
+        raise typer.Exit(EXIT_FAILED)
+
+
 @app.command("config")
 def config(as_json: JsonOpt = False) -> None:
     """Print the settings in force (environment, mesh.toml, defaults)."""
@@ -356,7 +373,14 @@ def main() -> None:
         if isinstance(exc, click.ClickException):
             exc.show()
             sys.exit(EXIT_INPUT)
-        raise
+        if os.environ.get("MESH_DEBUG"):
+            raise
+        err.print(
+            f"[red]error:[/] unexpected {type(exc).__name__}: {exc} "
+            "(run with MESH_DEBUG=1 for the traceback)",
+            highlight=False,
+        )
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     dev_root: str = Field(
         default=".mesh", description="data dir of `mesh dev` (inside the project)"
     )
+    dev_s3_port: int = Field(default=4569, description="s3rver port of `mesh dev` (broker storage)")
     agents_module: str = Field(
         default="agents.examples",
         description="module that defines the agents `mesh agent run` knows",

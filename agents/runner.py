@@ -358,7 +358,11 @@ class ConsumerLoop:
         (an LLM call of minutes) is not reclaimed and run a second time mid-way."""
         interval = max(self.runner.settings.claim_idle_ms / 3000, 0.05)
         while not stop.is_set():
-            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+                return
+            except TimeoutError:
+                pass
             by_stream: dict[str, list[str]] = {}
             for stream, entry_id in list(self.inflight):
                 by_stream.setdefault(stream, []).append(entry_id)
