@@ -349,7 +349,9 @@ def main() -> None:
     from agentmesh.devstack import StackError
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns (not raises) the code of typer.Exit
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except CliError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         sys.exit(exc.code)
