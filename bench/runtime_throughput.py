@@ -40,12 +40,6 @@ for _p in (str(ROOT), str(HERE)):
         sys.path.insert(0, _p)
 
 import asyncpg  # noqa: E402
-from redis.asyncio import Redis  # noqa: E402
-
-from agentmesh import devstack  # noqa: E402
-from agentmesh.logs import configure as configure_logs  # noqa: E402
-from agentmesh.settings import Settings  # noqa: E402
-from agents.runner import Runner  # noqa: E402
 from bench_agent import (  # noqa: E402
     AGENT_NAME,
     IN_STREAM,
@@ -54,6 +48,12 @@ from bench_agent import (  # noqa: E402
     BenchIn,
     bench_agent,
 )
+from redis.asyncio import Redis  # noqa: E402
+
+from agentmesh import devstack  # noqa: E402
+from agentmesh.logs import configure as configure_logs  # noqa: E402
+from agentmesh.settings import Settings  # noqa: E402
+from agents.runner import Runner  # noqa: E402
 from outbox.migrate import migrate  # noqa: E402
 from schemas import registry  # noqa: E402
 from schemas.envelope import Envelope  # noqa: E402
@@ -340,7 +340,7 @@ class AgentProcs:
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         stdin=subprocess.DEVNULL,
-                    )  # fmt: skip
+                    )
                 )
 
     def check_alive(self) -> None:
