@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     stream_retention_s: float = Field(
         default=3600.0, ge=0, description="acked entries younger than this are kept for debugging"
     )
+    consumer_idle_prune_ms: int = Field(
+        default=3_600_000, ge=1000, description="forget consumers idle this long owning nothing"
+    )
     dedup_ttl_s: int = Field(default=7 * 86400, ge=1, description="how long XADD dedup keys live")
     dlq_stream: str = "mesh:dlq"
     max_envelope_bytes: int = Field(default=256 * 1024, ge=1024)

@@ -516,6 +516,7 @@ class Runner:
                 next_trim = time.monotonic() + s.trim_interval_s
                 for stream in self.agent.streams:
                     await streams.trim(stream, retention_s=s.stream_retention_s)
+                    await streams.prune_consumers(stream, idle_ms=s.consumer_idle_prune_ms)
             self._ready = True
             try:
                 await asyncio.wait_for(stop.wait(), timeout=min(2.0, s.trim_interval_s))

@@ -193,6 +193,28 @@ class Streams:
         reply = await self.scripts.trim(keys=[stream], args=[f"{max(floor_ms, 0)}-0"])
         return _s(reply) if reply else None
 
+    async def prune_consumers(self, stream: str, *, idle_ms: int) -> list[str]:
+        """Forget consumers of this group that own nothing and were idle for `idle_ms`.
+
+        Every restarted process has a new consumer name; without this the group's consumer
+        list grows forever. A consumer with pending entries is never deleted (that would
+        drop its pending entries from the group).
+        """
+        try:
+            consumers = await self.redis.xinfo_consumers(stream, self.group)
+        except ResponseError:
+            return []
+        gone = [
+            _s(c["name"])
+            for c in consumers
+            if int(c["pending"]) == 0
+            and int(c["idle"]) >= idle_ms
+            and _s(c["name"]) != self.consumer
+        ]
+        for name in gone:
+            await self.redis.xgroup_delconsumer(stream, self.group, name)
+        return gone
+
     async def group_info(self, stream: str) -> dict[str, int]:
         """pending and lag of this group on `stream` (lag -1 when Redis cannot tell)."""
         try:

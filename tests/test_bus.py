@@ -95,3 +95,18 @@ async def test_nogroup_is_recovered(redis: Redis) -> None:
 
 def _entry(stream: str, entry_id: str) -> StreamEntry:
     return StreamEntry(stream=stream, id=entry_id, fields={})
+
+
+async def test_idle_consumers_without_pending_are_pruned(redis: Redis) -> None:
+    for i in range(3):
+        await redis.xadd("s", {"envelope": f"{i}"})
+    old = Streams(redis, group="g", consumer="old")
+    busy = Streams(redis, group="g", consumer="busy")
+    me = Streams(redis, group="g", consumer="me")
+    await old.ensure_group("s")
+    await old.ack(await old.read(["s"], count=1, block_ms=None))
+    await busy.read(["s"], count=1, block_ms=None)  # keeps one pending entry
+    await me.read(["s"], count=1, block_ms=None)
+    assert await me.prune_consumers("s", idle_ms=0) == ["old"]
+    names = {c["name"].decode() for c in await redis.xinfo_consumers("s", "g")}
+    assert names == {"busy", "me"}
