@@ -20,7 +20,8 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 T = TypeVar("T")
@@ -91,9 +92,8 @@ class Dependency:
         policy = self.spec.retry
         retrying = AsyncRetrying(
             stop=stop_after_attempt(policy.attempts),
-            wait=wait_exponential_jitter(
-                initial=policy.initial_s, max=policy.max_s, jitter=policy.jitter_s
-            ),
+            wait=wait_exponential(multiplier=policy.initial_s, max=policy.max_s)
+            + wait_random(0, policy.jitter_s),
             retry=retry_if_exception(policy.should_retry),
             reraise=True,
         )
