@@ -62,6 +62,19 @@ ORDER BY o.id
 """
 
 
+_MESSAGE_SQLSTATE_CLASSES = {"22", "23", "42"}  # data exception, integrity, syntax/access
+
+
+def _message_fault(exc: BaseException) -> bool:
+    """Is this failure about the messages written (retry them one by one, fail the bad one),
+    rather than about the database being unavailable (keep the whole batch pending)?"""
+    if isinstance(exc, ValueError | TypeError):  # not encodable
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return (exc.sqlstate or "")[:2] in _MESSAGE_SQLSTATE_CLASSES
+    return False
+
+
 @dataclass(kw_only=True)
 class Work:
     """One handled input, ready to commit: what the agent did and what it emits."""
@@ -108,13 +121,17 @@ class UnitOfWork:
             return res
         try:
             fresh = await self._commit(works)
-        except (asyncpg.PostgresError, ValueError, TypeError):
+        except Exception as exc:
+            if not _message_fault(exc):
+                raise  # Postgres down or restarting: the whole batch stays pending
             fresh = set()
             for w in works:
                 try:
                     fresh |= await self._commit([w])
-                except (asyncpg.PostgresError, ValueError, TypeError) as exc:
-                    res.failed.append((w, exc))
+                except Exception as one:
+                    if not _message_fault(one):
+                        raise
+                    res.failed.append((w, one))
             failed_keys = {w.idempotency_key for w, _ in res.failed}
             works = [w for w in works if w.idempotency_key not in failed_keys]
         res.committed = [w for w in works if w.idempotency_key in fresh]

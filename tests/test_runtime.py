@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from agentmesh import devstack
 from tests.conftest import ROOT, AgentProcess, eventually
 from tests.helpers import actions, dlq, group_state, job, publish, stream_events
 
@@ -304,3 +305,26 @@ async def test_stream_deleted_under_a_running_agent(
     await eventually(lambda: _at_least(pg, 2), timeout=20, what="after NOGROUP")
     assert p.alive()
     assert "NOGROUP" not in p.log() or p.log().count("NOGROUP") < 5
+
+
+async def test_postgres_restart_under_load_loses_and_doubles_nothing(
+    redis: Redis, pg: asyncpg.Connection, agents: Start, stack: devstack.StackConfig
+) -> None:
+    sent = [job(i, sleep_ms=2) for i in range(1500)]
+    await publish(redis, sent)
+    p = agents("worker", MESH_BATCH_SIZE="50", MESH_MAX_DELIVERIES="2")
+    await eventually(lambda: _at_least(pg, 100), timeout=60, what="progress")
+    await pg.close()
+    devstack.kill9(stack, "postgres")
+    await asyncio.sleep(2)  # the agent keeps failing to commit meanwhile
+    await asyncio.to_thread(devstack.up, stack, ("postgres",))
+    fresh = await asyncpg.connect(stack.postgres_dsn)
+    try:
+        await eventually(lambda: _drained(redis, "t:jobs", "worker"), timeout=120, what="drain")
+        assert p.alive()
+        assert await redis.xlen("mesh:dlq") == 0, (
+            "an unavailable database is not the message's fault"
+        )
+        await _assert_exactly_once(redis, fresh, sent)
+    finally:
+        await fresh.close()
