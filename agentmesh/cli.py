@@ -344,6 +344,7 @@ def config(as_json: JsonOpt = False) -> None:
 def main() -> None:
     """Entry point: turns known failures into one red line and a meaningful exit code."""
     import asyncpg
+    import pydantic
     import redis.exceptions
 
     from agentmesh.devstack import StackError
@@ -361,6 +362,11 @@ def main() -> None:
     except asyncpg.PostgresError as exc:
         err.print(f"[red]error:[/] PostgreSQL: {exc}", highlight=False)
         sys.exit(EXIT_FAILED)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        err.print(f"[red]error:[/] invalid setting {where}: {first['msg']}", highlight=False)
+        sys.exit(EXIT_INPUT)
     except StackError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         sys.exit(EXIT_FAILED)

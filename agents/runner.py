@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import json
 import os
 import random
 import secrets
@@ -89,6 +90,7 @@ class ConsumerLoop:
         self.retries: list[_Retry] = []
         self.inflight: dict[tuple[str, str], StreamEntry] = {}
         self._seq = itertools.count()
+        self.finished = asyncio.Event()
 
     # -- the loop -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -104,6 +106,7 @@ class ConsumerLoop:
                 batch = await self._read_new(min(claim_every, self._time_to_next_retry()))
             if batch:
                 await self.process(batch)
+        self.finished.set()
 
     async def _read_new(self, max_wait_s: float) -> list[StreamEntry]:
         s = self.runner.settings
@@ -357,9 +360,9 @@ class ConsumerLoop:
         """Touch in-flight and parked entries well before `claim_idle_ms`, so a long handler
         (an LLM call of minutes) is not reclaimed and run a second time mid-way."""
         interval = max(self.runner.settings.claim_idle_ms / 3000, 0.05)
-        while not stop.is_set():
+        while True:  # until the loop itself has finished: in-flight work during SIGTERM's grace
             try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+                await asyncio.wait_for(self.finished.wait(), timeout=interval)
                 return
             except TimeoutError:
                 pass
@@ -385,8 +388,6 @@ class ConsumerLoop:
 
 def _type_of(e: StreamEntry) -> str:
     try:
-        import json
-
         return str(json.loads(e.raw).get("type", "?"))
     except Exception:
         return "?"
