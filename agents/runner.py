@@ -90,7 +90,6 @@ class ConsumerLoop:
         self.retries: list[_Retry] = []
         self.inflight: dict[tuple[str, str], StreamEntry] = {}
         self._seq = itertools.count()
-        self.finished = asyncio.Event()
 
     # -- the loop -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -106,7 +105,6 @@ class ConsumerLoop:
                 batch = await self._read_new(min(claim_every, self._time_to_next_retry()))
             if batch:
                 await self.process(batch)
-        self.finished.set()
 
     async def _read_new(self, max_wait_s: float) -> list[StreamEntry]:
         s = self.runner.settings
@@ -207,17 +205,7 @@ class ConsumerLoop:
                 continue
             leaders[key] = e
             ready.append((e, decoded, spec))
-        if dead:
-            await self.streams.dead_letter(dead)
-            for d in dead:
-                m.dead_lettered.labels(agent.name, d.reason).inc()
-                log.warning(
-                    "dead-lettered",
-                    stream=d.entry.stream,
-                    id=d.entry.id,
-                    reason=d.reason,
-                    error=d.error,
-                )
+        await self._dead_letter(dead)
 
         # redeliveries of work already committed: re-send what is stored, do not run again
         stored = await self.uow.stored_handoffs([d.envelope.idempotency_key for _, d, _ in ready])
@@ -331,17 +319,21 @@ class ConsumerLoop:
                 log.info(
                     "handler failed, will retry", id=e.id, deliveries=e.deliveries, error=str(exc)
                 )
-        if dead:
-            await self.streams.dead_letter(dead)
-            for d in dead:
-                m.dead_lettered.labels(name, d.reason).inc()
-                log.warning(
-                    "dead-lettered",
-                    stream=d.entry.stream,
-                    id=d.entry.id,
-                    reason=d.reason,
-                    error=d.error,
-                )
+        await self._dead_letter(dead)
+
+    async def _dead_letter(self, dead: Sequence[DeadLetter]) -> None:
+        if not dead:
+            return
+        await self.streams.dead_letter(dead)
+        for d in dead:
+            self.runner.metrics.dead_lettered.labels(self.runner.agent.name, d.reason).inc()
+            log.warning(
+                "dead-lettered",
+                stream=d.entry.stream,
+                id=d.entry.id,
+                reason=d.reason,
+                error=d.error,
+            )
 
     def _letter(
         self, e: StreamEntry, exc: BaseException, reason: str, *, with_tb: bool = True
@@ -360,12 +352,13 @@ class ConsumerLoop:
         """Touch in-flight and parked entries well before `claim_idle_ms`, so a long handler
         (an LLM call of minutes) is not reclaimed and run a second time mid-way."""
         interval = max(self.runner.settings.claim_idle_ms / 3000, 0.05)
-        while True:  # until the loop itself has finished: in-flight work during SIGTERM's grace
-            try:
-                await asyncio.wait_for(self.finished.wait(), timeout=interval)
-                return
-            except TimeoutError:
-                pass
+        next_beat = time.monotonic() + interval
+        # beat on through SIGTERM's grace period while handlers are still in flight
+        while not (stop.is_set() and not self.inflight):
+            await asyncio.sleep(min(interval, 0.25))
+            if time.monotonic() < next_beat:
+                continue
+            next_beat = time.monotonic() + interval
             by_stream: dict[str, list[str]] = {}
             for stream, entry_id in list(self.inflight):
                 by_stream.setdefault(stream, []).append(entry_id)
