@@ -33,13 +33,21 @@ class Context:
         self.deliveries = deliveries
         self.idempotency_key = f"{agent}:{envelope.idempotency_key}"
         """Stable across redeliveries of this input: pass it to payment APIs and the like."""
-        self.log = structlog.get_logger(agent).bind(
-            session=envelope.session_id, event=envelope.event_id, type=envelope.type
-        )
         self._registry = registry
         self._emits = emits
         self._deps = dependencies
         self.emitted: list[tuple[str, Envelope]] = []
+        self._log: Any = None
+
+    @property
+    def log(self) -> Any:
+        """A structlog logger bound to this session, event and type (made on first use)."""
+        if self._log is None:
+            env = self.envelope
+            self._log = structlog.get_logger(self.agent).bind(
+                session=env.session_id, event=env.event_id, type=env.type
+            )
+        return self._log
 
     def emit(self, event_type: str, payload: BaseModel | dict[str, Any]) -> Envelope:
         """Queue an event; it is written to the outbox with the action and sent after commit."""

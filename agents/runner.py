@@ -27,6 +27,7 @@ import secrets
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,7 @@ class ConsumerLoop:
         self.retries: list[_Retry] = []
         self.inflight: dict[tuple[str, str], StreamEntry] = {}
         self._seq = itertools.count()
+        self._latency_children: dict[str, Any] = {}
 
     # -- the loop -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -237,8 +239,8 @@ class ConsumerLoop:
         to_ack += [e for e, k in followers if k in ok_keys]
         await self.streams.ack(to_ack)
 
-        for w in result.committed:
-            m.processed.labels(agent.name, w.input.type).inc()
+        for etype, n in Counter(w.input.type for w in result.committed).items():
+            m.processed.labels(agent.name, etype).inc(n)
         if done_keys:
             m.duplicates.labels(agent.name).inc(len(done_keys))
         for w, commit_error in result.failed:
@@ -269,9 +271,7 @@ class ConsumerLoop:
             except Exception as exc:
                 return exc
             finally:
-                r.metrics.handler_seconds.labels(r.agent.name, env.type).observe(
-                    time.perf_counter() - started
-                )
+                self._latency(env.type).observe(time.perf_counter() - started)
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json")
         audit = r.agent.registry.make(
@@ -296,6 +296,13 @@ class ConsumerLoop:
             audit=[audit],
             handoffs=ctx.emitted,
         )
+
+    def _latency(self, event_type: str) -> Any:
+        child = self._latency_children.get(event_type)
+        if child is None:
+            child = self.runner.metrics.handler_seconds.labels(self.runner.agent.name, event_type)
+            self._latency_children[event_type] = child
+        return child
 
     async def _failed(self, failures: Sequence[tuple[StreamEntry, Exception]]) -> None:
         r = self.runner

@@ -53,11 +53,11 @@ SELECT idempotency_key FROM idem
 """
 
 _STORED_SQL = """
-SELECT i.idempotency_key, o.stream, o.event_id::text AS event_id, o.envelope
-FROM mesh_idempotency i
+SELECT k.idempotency_key, o.stream, o.event_id::text AS event_id, o.envelope
+FROM unnest($2::text[]) AS k(idempotency_key)
+JOIN mesh_idempotency i ON i.agent = $1 AND i.idempotency_key = k.idempotency_key
 LEFT JOIN mesh_outbox o
        ON o.agent = i.agent AND o.idempotency_key = i.idempotency_key AND o.stream IS NOT NULL
-WHERE i.agent = $1 AND i.idempotency_key = ANY($2::text[])
 ORDER BY o.id
 """
 

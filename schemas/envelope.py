@@ -8,15 +8,17 @@ redelivery.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from schemas.ids import new_event_id
 
 MAX_ENVELOPE_BYTES = 256 * 1024
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def utcnow() -> datetime:
@@ -38,11 +40,15 @@ class Envelope(BaseModel):
     idempotency_key: str = Field(default="", max_length=400)
     payload: dict[str, Any] = Field(default_factory=dict)
 
+    _wire: bytes | None = PrivateAttr(default=None)
+
     @field_validator("event_id", "causation_id")
     @classmethod
     def _uuid(cls, value: str | None) -> str | None:
         # Postgres stores ids as uuid; a non-UUID id is rejected here, as poison, not later.
-        return None if value is None else str(uuid.UUID(value))
+        if value is None or _CANONICAL_UUID.fullmatch(value):
+            return value
+        return str(uuid.UUID(value))
 
     @field_validator("created_at")
     @classmethod
@@ -53,8 +59,18 @@ class Envelope(BaseModel):
         if not self.idempotency_key:
             object.__setattr__(self, "idempotency_key", self.event_id)
 
+    def __eq__(self, other: object) -> bool:  # fields only, not the cached wire bytes
+        return isinstance(other, Envelope) and self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash(self.event_id)
+
     def to_wire(self) -> bytes:
-        return self.model_dump_json().encode()
+        """The JSON bytes; computed once (the envelope is immutable), then reused for the size
+        check, the outbox row and the XADD."""
+        if self._wire is None:
+            self._wire = self.__pydantic_serializer__.to_json(self)
+        return self._wire
 
     def to_json(self) -> str:
-        return self.model_dump_json()
+        return self.to_wire().decode()

@@ -7,11 +7,16 @@ and two ids made in the same millisecond by one process still sort in creation o
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 import uuid
 
 _lock = threading.Lock()
+_rand = random.SystemRandom() if os.environ.get("MESH_CRYPTO_IDS") else random.Random()
+# Ids must be unique, not unguessable: a seeded PRNG (seeded from os.urandom) is enough and
+# costs a fraction of a syscall per id. MESH_CRYPTO_IDS=1 switches to the OS generator.
+os.register_at_fork(after_in_child=_rand.seed)  # a forked child must not repeat its parent
 _last_ms = 0
 _counter = 0
 
@@ -23,14 +28,14 @@ def uuid7() -> uuid.UUID:
         ms = time.time_ns() // 1_000_000
         if ms > _last_ms:
             _last_ms = ms
-            _counter = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave room to count up
+            _counter = _rand.getrandbits(10)  # random start, leaving room to count up
         else:
             _counter += 1
             if _counter > 0xFFF:  # counter exhausted: borrow the next millisecond
                 _last_ms += 1
                 _counter = 0
             ms = _last_ms
-        rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+        rand = _rand.getrandbits(62)
         value = (ms & ((1 << 48) - 1)) << 80
         value |= 0x7 << 76
         value |= _counter << 64
@@ -40,7 +45,8 @@ def uuid7() -> uuid.UUID:
 
 
 def new_event_id() -> str:
-    return str(uuid7())
+    h = f"{uuid7().int:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def uuid7_time_ms(value: str | uuid.UUID) -> int:

@@ -88,8 +88,11 @@ class Registry:
     def make(self, name: str, payload: BaseModel | dict[str, Any], **fields: Any) -> Envelope:
         """Build an envelope for `name`, validating the payload against the current model."""
         et = self.get(name)
-        data = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload
-        model = self._validate(et, data)
+        if isinstance(payload, et.model):
+            model: BaseModel = payload  # already validated when it was built
+        else:
+            data = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload
+            model = self._validate(et, data)
         env = Envelope(
             type=name,
             schema_version=et.version,
