@@ -308,13 +308,14 @@ class ConsumerLoop:
         r = self.runner
         s, m, name = r.settings, r.metrics, r.agent.name
         dead: list[DeadLetter] = []
+        counted = [(e, x) for e, x in failures if not isinstance(x, CircuitBreakerError)]
+        await self.streams.record_failures([(e, f"{type(x).__name__}: {x}") for e, x in counted])
         for e, exc in failures:
-            etype = _type_of(e)
             if isinstance(exc, CircuitBreakerError):  # not the message's fault: wait, uncounted
                 self._schedule(e, delay=0.5, count=False)
                 continue
+            etype = _type_of(e)
             m.failed.labels(name, etype).inc()
-            await self.streams.record_failure(e, f"{type(exc).__name__}: {exc}")
             if isinstance(exc, NonRetryable):
                 dead.append(self._letter(e, exc, "non_retryable"))
             elif e.deliveries >= s.max_deliveries:

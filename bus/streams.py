@@ -156,15 +156,20 @@ class Streams:
         await pipe.execute()
 
     # -- failures and the DLQ -----------------------------------------------------------
-    async def record_failure(self, entry: StreamEntry, error: str) -> None:
-        """Remember when an entry first and last failed, across processes (for the DLQ record)."""
-        key = failures_key(entry.stream, self.group, entry.id)
+    async def record_failures(self, failures: Sequence[tuple[StreamEntry, str]]) -> None:
+        """Remember when entries first and last failed, across processes (for the DLQ record).
+
+        One pipeline for the whole batch's failures."""
+        if not failures:
+            return
         now = datetime.now(UTC).isoformat()
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hsetnx(key, "first_failure", now)
-        pipe.hset(key, mapping={"last_failure": now, "last_error": error[:1000]})
-        pipe.hincrby(key, "failures", 1)
-        pipe.expire(key, FAILURES_TTL_S)
+        for entry, error in failures:
+            key = failures_key(entry.stream, self.group, entry.id)
+            pipe.hsetnx(key, "first_failure", now)
+            pipe.hset(key, mapping={"last_failure": now, "last_error": error[:1000]})
+            pipe.hincrby(key, "failures", 1)
+            pipe.expire(key, FAILURES_TTL_S)
         await pipe.execute()
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> list[str]:

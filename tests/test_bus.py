@@ -72,7 +72,7 @@ async def test_dead_letter_copies_then_acks(redis: Redis) -> None:
     g = Streams(redis, group="g", consumer="c", dlq_stream="dlq")
     await g.ensure_group("s")
     (entry,) = await g.read(["s"], count=1, block_ms=None)
-    await g.record_failure(entry, "boom")
+    await g.record_failures([(entry, "boom")])
     letter = DeadLetter.from_exception(
         entry, ValueError("bad"), reason="malformed_json", group="g", agent="a"
     )
