@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     concurrency: int = Field(default=64, ge=1, description="handlers running at once per consumer")
     consumers: int = Field(default=1, ge=1, description="consumer loops per process")
     max_deliveries: int = Field(default=5, ge=1, description="deliveries before an entry is DLQ'd")
+    handler_timeout_s: float = Field(
+        default=900.0, gt=0, description="one handler run is cancelled after this (a failure)"
+    )
     claim_idle_ms: int = Field(
         default=30_000, ge=100, description="idle time after which another consumer reclaims"
     )

@@ -39,6 +39,7 @@ class HandlerSpec:
     event_type: str
     fn: Handler
     needs: tuple[str, ...]
+    timeout_s: float | None = None  # None: the process-wide MESH_HANDLER_TIMEOUT_S
 
 
 class Agent:
@@ -60,8 +61,11 @@ class Agent:
         AGENTS[name] = self
 
     def handler(
-        self, event_type: str, *, needs: Iterable[str] = ()
+        self, event_type: str, *, needs: Iterable[str] = (), timeout_s: float | None = None
     ) -> Callable[[Handler], Handler]:
+        """Register the handler of `event_type`. `needs` names the dependencies whose open
+        breaker pauses this stream; `timeout_s` bounds one run (a hung call would otherwise
+        keep its claim alive forever through the heartbeat)."""
         needs = tuple(needs)
         for dep in needs:
             if dep not in self.dependencies:
@@ -69,7 +73,7 @@ class Agent:
 
         def register(fn: Handler) -> Handler:
             self.registry.get(event_type)  # fail fast on a typo
-            self.handlers[event_type] = HandlerSpec(event_type, fn, needs)
+            self.handlers[event_type] = HandlerSpec(event_type, fn, needs, timeout_s)
             return fn
 
         return register

@@ -64,6 +64,10 @@ class TooManyDeliveries(Exception):
     pass
 
 
+class HandlerTimeout(Exception):
+    """A handler exceeded its time limit; retried like any failure, then dead-lettered."""
+
+
 @dataclass(order=True)
 class _Retry:
     due: float
@@ -267,7 +271,11 @@ class ConsumerLoop:
             )
             started = time.perf_counter()
             try:
-                result: Any = await spec.fn(decoded.payload, ctx)
+                async with asyncio.timeout(spec.timeout_s or r.settings.handler_timeout_s):
+                    result: Any = await spec.fn(decoded.payload, ctx)
+            except TimeoutError:
+                limit = spec.timeout_s or r.settings.handler_timeout_s
+                return HandlerTimeout(f"handler ran longer than {limit:g} s and was cancelled")
             except Exception as exc:
                 return exc
             finally:

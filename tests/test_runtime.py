@@ -235,6 +235,19 @@ async def test_failing_handler_reaches_dlq_after_max_deliveries(
     assert await actions(pg, "worker") == 1  # only the good one
 
 
+async def test_hung_handler_is_cancelled_and_dead_lettered(
+    redis: Redis, pg: asyncpg.Connection, agents: Start
+) -> None:
+    hung = job(1, sleep_ms=60_000)
+    await publish(redis, [hung, job(2)])
+    agents("worker", MESH_HANDLER_TIMEOUT_S="0.5", MESH_MAX_DELIVERIES="2")
+    await eventually(lambda: _dlq_len(redis, 1), timeout=30, what="DLQ entry")
+    (d,) = await dlq(redis)
+    assert d["reason"] == "max_deliveries" and d["error_type"] == "HandlerTimeout"
+    assert d["deliveries"] == "2"
+    assert await actions(pg, "worker") == 1  # the other message of the batch committed
+
+
 async def test_breaker_pauses_consumption_and_resumes(
     redis: Redis, pg: asyncpg.Connection, agents: Start
 ) -> None:
