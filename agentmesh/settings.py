@@ -34,9 +34,13 @@ class Settings(BaseSettings):
         description="module that defines the agents `mesh agent run` knows",
     )
 
-    batch_size: int = Field(default=200, ge=1, description="entries per XREADGROUP and per commit")
+    batch_size: int = Field(
+        default=200, ge=1, description="most entries per XREADGROUP and per commit"
+    )
     block_ms: int = Field(default=1000, ge=1, description="how long one XREADGROUP waits")
-    concurrency: int = Field(default=64, ge=1, description="handlers running at once per consumer")
+    concurrency: int = Field(
+        default=200, ge=1, description="entries in flight (handling or committing) per consumer"
+    )
     consumers: int = Field(default=1, ge=1, description="consumer loops per process")
     max_deliveries: int = Field(default=5, ge=1, description="deliveries before an entry is DLQ'd")
     handler_timeout_s: float = Field(

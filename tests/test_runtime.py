@@ -140,22 +140,27 @@ async def _at_least(pg: asyncpg.Connection, n: int) -> bool:
 async def _crash_at(point: str, redis: Redis, pg: asyncpg.Connection, agents: Start) -> None:
     sent = [job(i) for i in range(300)]
     await publish(redis, sent)
-    a = agents("worker", MESH_CRASH_AT=point, MESH_BATCH_SIZE="100")
+    a = agents("worker", MESH_CRASH_AT=point, MESH_BATCH_SIZE="100", MESH_CONCURRENCY="100")
     assert a.wait(60) == 137, a.log()
     committed = await actions(pg, "worker")
+    committed_ids = {
+        r["id"] for r in await pg.fetch("SELECT input_event_id::text AS id FROM mesh_actions")
+    }
     handed = len(await stream_events(redis, "t:done"))
-    assert committed == 100, "the first batch committed before the crash"
+    assert committed >= 1, "a first group committed before the crash"
     if point == "after_commit":
         assert handed == 0, "crashed before any XADD"
     else:
-        assert handed == 100, "crashed after XADD, before XACK"
-    assert (await group_state(redis, "t:jobs", "worker"))["pending"] == 100
+        assert handed == committed, "crashed after XADD, before XACK"
+    pending = (await group_state(redis, "t:jobs", "worker"))["pending"]
+    assert pending >= committed, "nothing committed was acked"
     agents("worker")
     await eventually(lambda: _drained(redis, "t:jobs", "worker"), timeout=60, what="drain")
     await _assert_exactly_once(redis, pg, sent)
-    # the crashed batch was not run a second time: its redelivery found the idempotency rows
-    reruns = [int(await redis.get(f"t:runs:{e.event_id}") or 0) for e in sent]
-    assert max(reruns) == 1
+    # the committed group was not run a second time: its redelivery found the idempotency rows
+    # (handlers that were running but not committed at the crash may run again: that is allowed)
+    reruns = [int(await redis.get(f"t:runs:{i}") or 0) for i in committed_ids]
+    assert reruns and max(reruns) == 1
 
 
 async def test_crash_between_commit_and_xadd(
@@ -339,5 +344,8 @@ async def test_postgres_restart_under_load_loses_and_doubles_nothing(
             "an unavailable database is not the message's fault"
         )
         await _assert_exactly_once(redis, fresh, sent)
+        # results were kept across the outage: no handler had to run again
+        runs = [int(x or 0) for x in await redis.mget([f"t:runs:{e.event_id}" for e in sent])]
+        assert max(runs) == 1
     finally:
         await fresh.close()

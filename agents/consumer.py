@@ -1,0 +1,475 @@
+"""One consumer of an agent's group: read -> admit -> handle -> group commit -> publish -> ack.
+
+The stages overlap instead of running batch by batch, so one slow handler (an LLM call of a
+minute) never holds back the commit of the others, and reading goes on while Postgres commits:
+
+- the reader keeps up to `concurrency` entries in flight: it reads new entries (XREADGROUP),
+  takes over entries of dead consumers (XAUTOCLAIM) and re-runs due retries;
+- admission sorts out poison (copied to the DLQ, then acked, in one MULTI), drops entries
+  whose idempotency key is already in flight, and looks up keys already committed (a
+  redelivery): those re-publish their stored handoffs and are acked; the handler does not
+  run again;
+- each remaining entry runs its handler as its own task;
+- the committer takes every finished handler (up to `batch_size`) and commits them in ONE
+  Postgres statement (idempotency, action and outbox rows), then XADDs their handoffs (one
+  Lua call, deduplicated by event id), then XACKs them. Under load commits group themselves:
+  while one commits, the next group collects.
+
+A crash between any two steps is safe: before the commit nothing is recorded and the entry
+is still pending; after it the redelivery finds the idempotency row and only re-sends what
+is stored (ARCHITECTURE.md has the table).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiobreaker import CircuitBreakerError
+from pydantic import BaseModel
+
+from agents import faults
+from agents.agent import HandlerSpec
+from agents.context import Context
+from agents.resilience import NonRetryable
+from bus.deadletter import DeadLetter
+from bus.entry import Outgoing, StreamEntry
+from bus.streams import Streams
+from outbox.unit_of_work import CommitResult, UnitOfWork, Work
+from schemas.audit import ACTION, ActionRecorded
+from schemas.errors import PoisonMessage
+from schemas.registry import Decoded
+
+if TYPE_CHECKING:
+    from agents.runner import Runner
+
+log = structlog.get_logger("agentmesh.consumer")
+
+
+class NoHandler(PoisonMessage):
+    reason = "no_handler"
+
+
+class TooManyDeliveries(Exception):
+    pass
+
+
+class HandlerTimeout(Exception):
+    """A handler exceeded its time limit; retried like any failure, then dead-lettered."""
+
+
+@dataclass(order=True)
+class _Retry:
+    due: float
+    seq: int
+    entry: StreamEntry = field(compare=False)
+    count: bool = field(compare=False)  # False: parked (breaker open, key in flight), uncounted
+
+
+@dataclass
+class _Done:
+    """A finished handler run, waiting for the committer."""
+
+    entry: StreamEntry
+    key: str
+    outcome: Work | Exception
+
+
+class ConsumerLoop:
+    def __init__(self, runner: Runner, name: str) -> None:
+        self.runner = runner
+        self.name = name
+        s = runner.settings
+        self.streams = Streams(
+            runner.redis,
+            group=runner.agent.name,
+            consumer=name,
+            dedup_ttl_s=s.dedup_ttl_s,
+            dlq_stream=s.dlq_stream,
+        )
+        self.uow = UnitOfWork(runner.pool, runner.agent.name)
+        self.retries: list[_Retry] = []
+        self._seq = itertools.count()
+        self._latency_children: dict[str, Any] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget everything in flight (after an error): those entries stay pending in Redis
+        and are reclaimed after `claim_idle_ms`, since nobody touches them any more."""
+        self.inflight: dict[tuple[str, str], StreamEntry] = {}  # admitted, not yet settled
+        self.inflight_keys: set[str] = set()
+        self.done: asyncio.Queue[_Done] = asyncio.Queue()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.slot_freed = asyncio.Event()
+
+    # -- the two halves -----------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._commit_loop(stop))
+                await self._read_loop(stop)
+        except BaseExceptionGroup as group:  # surface the first real error to the guard
+            raise group.exceptions[0] from None
+        finally:
+            for t in self.tasks:
+                t.cancel()
+            self._reset()
+
+    async def _read_loop(self, stop: asyncio.Event) -> None:
+        s = self.runner.settings
+        claim_every = max(s.claim_idle_ms / 2000, 0.2)
+        next_claim = 0.0
+        while not stop.is_set():
+            free = s.concurrency - len(self.inflight)
+            if free <= 0:
+                self.slot_freed.clear()
+                try:
+                    await asyncio.wait_for(self.slot_freed.wait(), timeout=0.5)
+                except TimeoutError:
+                    pass
+                continue
+            limit = min(free, s.batch_size)
+            batch = await self._due_retries(limit)
+            if not batch and time.monotonic() >= next_claim:
+                next_claim = time.monotonic() + claim_every
+                batch = await self._reclaim(limit)
+            if not batch:
+                wait = min(claim_every, self._time_to_next_retry())
+                batch = await self._read_new(wait, limit)
+            if batch:
+                await self._admit(batch)
+
+    async def _commit_loop(self, stop: asyncio.Event) -> None:
+        batch_size = self.runner.settings.batch_size
+        while not (stop.is_set() and not self.inflight):
+            try:
+                first = await asyncio.wait_for(self.done.get(), timeout=0.25)
+            except TimeoutError:
+                continue
+            group = [first]
+            while len(group) < batch_size and not self.done.empty():
+                group.append(self.done.get_nowait())
+            await self._settle(group)
+
+    # -- reading ------------------------------------------------------------------------------
+    async def _read_new(self, max_wait_s: float, limit: int) -> list[StreamEntry]:
+        s = self.runner.settings
+        normal, probe = self.runner.stream_modes()
+        batch: list[StreamEntry] = []
+        if probe:  # a breaker's reset timeout passed: let one entry through as the probe
+            batch = await self.streams.read(probe, count=1, block_ms=None)
+        if normal:
+            block = None if batch else max(1, min(s.block_ms, int(max_wait_s * 1000)))
+            batch += await self.streams.read(normal, count=limit, block_ms=block)
+        elif not batch:
+            await asyncio.sleep(min(0.2, max_wait_s))
+        return batch
+
+    def _time_to_next_retry(self) -> float:
+        if not self.retries:
+            return 3600.0
+        return max(0.0, self.retries[0].due - time.monotonic())
+
+    async def _due_retries(self, limit: int) -> list[StreamEntry]:
+        now = time.monotonic()
+        due: list[_Retry] = []
+        while self.retries and self.retries[0].due <= now and len(due) < limit:
+            due.append(heapq.heappop(self.retries))
+        if not due:
+            return []
+        paused, _ = self.runner.paused_streams()
+        out: list[StreamEntry] = []
+        for (stream, count), group in itertools.groupby(
+            sorted(due, key=lambda r: (r.entry.stream, r.count)),
+            key=lambda r: (r.entry.stream, r.count),
+        ):
+            items = list(group)
+            if not count and stream in paused:  # breaker still open: stay parked
+                for r in items:
+                    self._schedule(r.entry, delay=0.5, count=False)
+                continue
+            owned = await self.streams.claim_own(stream, [r.entry.id for r in items], count=count)
+            for r in items:
+                if r.entry.id in owned:
+                    r.entry.deliveries = owned[r.entry.id]
+                    out.append(r.entry)
+        return out
+
+    async def _reclaim(self, limit: int) -> list[StreamEntry]:
+        mine = set(self.inflight) | {(r.entry.stream, r.entry.id) for r in self.retries}
+        out: list[StreamEntry] = []
+        paused, _ = self.runner.paused_streams()
+        for stream in self.runner.agent.streams:
+            if stream in paused:
+                continue
+            claimed = await self.streams.autoclaim(
+                stream, min_idle_ms=self.runner.settings.claim_idle_ms, count=limit
+            )
+            out += [e for e in claimed if (e.stream, e.id) not in mine]
+        if out:
+            log.info("reclaimed", consumer=self.name, entries=len(out))
+        return out
+
+    def _schedule(self, entry: StreamEntry, *, delay: float, count: bool) -> None:
+        heapq.heappush(
+            self.retries, _Retry(time.monotonic() + delay, next(self._seq), entry, count)
+        )
+
+    # -- admission ----------------------------------------------------------------------------
+    async def _admit(self, batch: Sequence[StreamEntry]) -> None:
+        agent, s = self.runner.agent, self.runner.settings
+        dead: list[DeadLetter] = []
+        ready: list[tuple[StreamEntry, Decoded, HandlerSpec]] = []
+        keys: set[str] = set()
+        for e in batch:
+            try:
+                if e.deliveries > s.max_deliveries:
+                    raise TooManyDeliveries(
+                        f"delivered {e.deliveries} times (max {s.max_deliveries}) without "
+                        "completing; its consumers crashed or timed out"
+                    )
+                decoded = agent.registry.decode(e.raw)
+                spec = agent.handlers.get(decoded.envelope.type)
+                if spec is None:
+                    raise NoHandler(
+                        f"agent {agent.name!r} has no handler for {decoded.envelope.type!r}"
+                    )
+            except PoisonMessage as exc:
+                dead.append(self._letter(e, exc, exc.reason, with_tb=False))
+                continue
+            except TooManyDeliveries as exc:
+                dead.append(self._letter(e, exc, "max_deliveries", with_tb=False))
+                continue
+            key = decoded.envelope.idempotency_key
+            if key in keys or key in self.inflight_keys:
+                # the same work is already running here: look again once it has settled
+                self._schedule(e, delay=s.retry_initial_s, count=False)
+                continue
+            keys.add(key)
+            ready.append((e, decoded, spec))
+        await self._dead_letter(dead)
+
+        # redeliveries of work already committed: re-send what is stored, do not run again
+        try:
+            stored = await self.uow.stored_handoffs(
+                [d.envelope.idempotency_key for _, d, _ in ready]
+            )
+        except Exception as exc:  # Postgres unavailable: keep the entries (uncounted), back off
+            log.error("redelivery look-up failed; parking entries", error=_describe(exc))
+            for e, _, _ in ready:
+                self._schedule(e, delay=1.0, count=False)
+            await asyncio.sleep(0.5)
+            return
+        if stored:
+            await self.streams.publish([o for handoffs in stored.values() for o in handoffs])
+            await self.streams.ack([e for e, d, _ in ready if d.envelope.idempotency_key in stored])
+            self.runner.metrics.duplicates.labels(agent.name).inc(len(stored))
+        for e, d, spec in ready:
+            key = d.envelope.idempotency_key
+            if key in stored:
+                continue
+            self.inflight[(e.stream, e.id)] = e
+            self.inflight_keys.add(key)
+            task = asyncio.create_task(self._handle(e, d, spec))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    # -- handling -----------------------------------------------------------------------------
+    async def _handle(self, entry: StreamEntry, decoded: Decoded, spec: HandlerSpec) -> None:
+        outcome = await self._run_handler(entry, decoded, spec)
+        await self.done.put(_Done(entry, decoded.envelope.idempotency_key, outcome))
+
+    async def _run_handler(
+        self, entry: StreamEntry, decoded: Decoded, spec: HandlerSpec
+    ) -> Work | Exception:
+        r = self.runner
+        env = decoded.envelope
+        ctx = Context(
+            agent=r.agent.name,
+            envelope=env,
+            registry=r.agent.registry,
+            emits=r.agent.emits,
+            dependencies=r.dependencies,
+            deliveries=entry.deliveries,
+        )
+        limit = spec.timeout_s or r.settings.handler_timeout_s
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(limit):
+                result: Any = await spec.fn(decoded.payload, ctx)
+        except TimeoutError:
+            return HandlerTimeout(f"handler ran longer than {limit:g} s and was cancelled")
+        except Exception as exc:
+            return exc
+        finally:
+            self._latency(env.type).observe(time.perf_counter() - started)
+        if isinstance(result, BaseModel):
+            result = result.model_dump(mode="json")
+        audit = r.agent.registry.make(
+            ACTION,
+            ActionRecorded(
+                agent=r.agent.name,
+                input_event_id=env.event_id,
+                input_type=env.type,
+                result=result,
+                emitted=[e.event_id for _, e in ctx.emitted],
+            ),
+            session_id=env.session_id,
+            causation_id=env.event_id,
+            source=r.agent.name,
+        )
+        return Work(
+            idempotency_key=env.idempotency_key,
+            input=env,
+            stream=entry.stream,
+            entry_id=entry.id,
+            result=result,
+            audit=[audit],
+            handoffs=ctx.emitted,
+        )
+
+    def _latency(self, event_type: str) -> Any:
+        child = self._latency_children.get(event_type)
+        if child is None:
+            child = self.runner.metrics.handler_seconds.labels(self.runner.agent.name, event_type)
+            self._latency_children[event_type] = child
+        return child
+
+    # -- settling: commit, publish, ack -------------------------------------------------------
+    async def _settle(self, group: Sequence[_Done]) -> None:
+        m, name = self.runner.metrics, self.runner.agent.name
+        m.batch_size.labels(name).observe(len(group))
+        try:
+            works = [d.outcome for d in group if isinstance(d.outcome, Work)]
+            failures = [(d.entry, d.outcome) for d in group if isinstance(d.outcome, Exception)]
+            result = await self._commit(works)
+            faults.point("after_commit")
+            outgoing: list[Outgoing] = [o for w in result.committed for o in w.outgoing()]
+            outgoing += [o for handoffs in result.duplicates.values() for o in handoffs]
+            await self.streams.publish(outgoing)
+            faults.point("after_publish")
+            ok = {w.idempotency_key for w in result.committed} | set(result.duplicates)
+            await self.streams.ack([d.entry for d in group if d.key in ok])
+            for etype, n in Counter(w.input.type for w in result.committed).items():
+                m.processed.labels(name, etype).inc(n)
+            if result.duplicates:
+                m.duplicates.labels(name).inc(len(result.duplicates))
+            by_key = {d.key: d.entry for d in group}
+            failures += [(by_key[w.idempotency_key], exc) for w, exc in result.failed]
+            await self._failed(failures)
+        finally:
+            for d in group:
+                self.inflight.pop((d.entry.stream, d.entry.id), None)
+                self.inflight_keys.discard(d.key)
+            self.slot_freed.set()
+
+    async def _commit(self, works: Sequence[Work]) -> CommitResult:
+        """Commit, waiting out a Postgres outage: the handlers' results are kept and their
+        entries stay claimed (the heartbeat goes on), so an outage neither re-runs handlers
+        nor burns deliveries. Only a stop request gives up (the entries stay pending)."""
+        delay = 0.2
+        while True:
+            try:
+                return await self.uow.commit(works)
+            except Exception as exc:
+                if self.runner.stop_event.is_set():
+                    raise
+                log.error("commit failed; retrying", error=_describe(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _failed(self, failures: Sequence[tuple[StreamEntry, Exception]]) -> None:
+        r = self.runner
+        s, m, name = r.settings, r.metrics, r.agent.name
+        dead: list[DeadLetter] = []
+        counted = [(e, x) for e, x in failures if not isinstance(x, CircuitBreakerError)]
+        await self.streams.record_failures([(e, f"{type(x).__name__}: {x}") for e, x in counted])
+        for e, exc in failures:
+            if isinstance(exc, CircuitBreakerError):  # not the message's fault: wait, uncounted
+                self._schedule(e, delay=0.5, count=False)
+                continue
+            etype = _type_of(e)
+            m.failed.labels(name, etype).inc()
+            if isinstance(exc, NonRetryable):
+                dead.append(self._letter(e, exc, "non_retryable"))
+            elif e.deliveries >= s.max_deliveries:
+                dead.append(self._letter(e, exc, "max_deliveries"))
+            else:
+                delay = min(s.retry_initial_s * 2 ** (e.deliveries - 1), s.retry_max_s)
+                self._schedule(e, delay=delay * random.uniform(0.8, 1.2), count=True)
+                m.retried.labels(name, etype).inc()
+                log.info(
+                    "handler failed, will retry", id=e.id, deliveries=e.deliveries, error=str(exc)
+                )
+        await self._dead_letter(dead)
+
+    async def _dead_letter(self, dead: Sequence[DeadLetter]) -> None:
+        if not dead:
+            return
+        await self.streams.dead_letter(dead)
+        for d in dead:
+            self.runner.metrics.dead_lettered.labels(self.runner.agent.name, d.reason).inc()
+            log.warning(
+                "dead-lettered",
+                stream=d.entry.stream,
+                id=d.entry.id,
+                reason=d.reason,
+                error=d.error,
+            )
+
+    def _letter(
+        self, e: StreamEntry, exc: BaseException, reason: str, *, with_tb: bool = True
+    ) -> DeadLetter:
+        agent = self.runner.agent.name
+        return DeadLetter.from_exception(
+            e, exc, reason=reason, group=agent, agent=agent, with_traceback=with_tb
+        )
+
+    # -- keeping claims -----------------------------------------------------------------------
+    async def heartbeat(self, stop: asyncio.Event) -> None:
+        """Touch in-flight and parked entries well before `claim_idle_ms`, so a long handler
+        (an LLM call of minutes) is not reclaimed and run a second time mid-way."""
+        interval = max(self.runner.settings.claim_idle_ms / 3000, 0.05)
+        next_beat = time.monotonic() + interval
+        # beat on through SIGTERM's grace period while handlers are still in flight
+        while not (stop.is_set() and not self.inflight):
+            await asyncio.sleep(min(interval, 0.25))
+            if time.monotonic() < next_beat:
+                continue
+            next_beat = time.monotonic() + interval
+            by_stream: dict[str, list[str]] = {}
+            for stream, entry_id in list(self.inflight):
+                by_stream.setdefault(stream, []).append(entry_id)
+            for rt in self.retries:
+                by_stream.setdefault(rt.entry.stream, []).append(rt.entry.id)
+            for stream, ids in by_stream.items():
+                try:
+                    owned = await self.streams.claim_own(stream, ids, count=False)
+                except Exception as exc:  # keep beating; the loop reports Redis errors
+                    log.warning("heartbeat failed", error=str(exc))
+                    continue
+                lost = set(ids) - set(owned)
+                if lost:
+                    log.warning("claims lost to another consumer", stream=stream, n=len(lost))
+                    self.retries = [x for x in self.retries if x.entry.id not in lost]
+                    heapq.heapify(self.retries)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _type_of(e: StreamEntry) -> str:
+    try:
+        return str(json.loads(e.raw).get("type", "?"))
+    except Exception:
+        return "?"
