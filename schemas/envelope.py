@@ -13,7 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas.ids import new_event_id
 
@@ -40,7 +40,8 @@ class Envelope(BaseModel):
     idempotency_key: str = Field(default="", max_length=400)
     payload: dict[str, Any] = Field(default_factory=dict)
 
-    _wire: bytes | None = PrivateAttr(default=None)
+    __slots__ = ("_wire_cache",)  # the JSON bytes, once made (a pydantic private attribute
+    # would cost more per envelope than the serialisation it saves)
 
     @field_validator("event_id", "causation_id")
     @classmethod
@@ -59,18 +60,18 @@ class Envelope(BaseModel):
         if not self.idempotency_key:
             object.__setattr__(self, "idempotency_key", self.event_id)
 
-    def __eq__(self, other: object) -> bool:  # fields only, not the cached wire bytes
-        return isinstance(other, Envelope) and self.__dict__ == other.__dict__
-
-    def __hash__(self) -> int:
+    def __hash__(self) -> int:  # the payload dict is not hashable; the id is unique
         return hash(self.event_id)
 
     def to_wire(self) -> bytes:
         """The JSON bytes; computed once (the envelope is immutable), then reused for the size
         check, the outbox row and the XADD."""
-        if self._wire is None:
-            self._wire = self.__pydantic_serializer__.to_json(self)
-        return self._wire
+        try:
+            return self._wire_cache  # type: ignore[attr-defined,no-any-return]
+        except AttributeError:
+            wire: bytes = self.__pydantic_serializer__.to_json(self)
+            object.__setattr__(self, "_wire_cache", wire)
+            return wire
 
     def to_json(self) -> str:
         return self.to_wire().decode()

@@ -240,6 +240,20 @@ async def test_failing_handler_reaches_dlq_after_max_deliveries(
     assert await actions(pg, "worker") == 1  # only the good one
 
 
+async def test_a_slow_handler_does_not_hold_back_the_others(
+    redis: Redis, pg: asyncpg.Connection, agents: Start
+) -> None:
+    slow = job(0, sleep_ms=5000)
+    await publish(redis, [slow, *[job(i) for i in range(1, 21)]])  # read together
+    agents("worker")
+    await eventually(lambda: _at_least(pg, 20), timeout=4, what="the fast ones committed")
+    assert not await pg.fetchval(
+        "SELECT count(*) FROM mesh_actions WHERE input_event_id = $1::uuid", slow.event_id
+    )
+    assert (await group_state(redis, "t:jobs", "worker"))["pending"] == 1  # only the slow one
+    await eventually(lambda: _at_least(pg, 21), timeout=15, what="the slow one")
+
+
 async def test_hung_handler_is_cancelled_and_dead_lettered(
     redis: Redis, pg: asyncpg.Connection, agents: Start
 ) -> None:
