@@ -38,13 +38,18 @@ async def stream_events(redis: Redis, stream: str) -> list[Envelope]:
 
 
 async def group_state(redis: Redis, stream: str, group: str) -> dict[str, int]:
-    """pending and lag of a group; {} when the stream or group does not exist (yet)."""
+    """pending and lag of a group; {} when the stream or group does not exist (yet).
+
+    Lag is counted from the last-delivered id, not taken from XINFO, because Redis reports
+    no lag (None) for a group whose read counter it lost, e.g. after an AOF reload."""
     if not await redis.exists(stream):
         return {}
     for g in await redis.xinfo_groups(stream):
         name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
         if name == group:
-            return {"pending": int(g["pending"]), "lag": int(g.get("lag") or 0)}
+            last = g["last-delivered-id"]
+            lag = len(await redis.xrange(stream, min=b"(" + last, max="+"))
+            return {"pending": int(g["pending"]), "lag": lag}
     return {}
 
 

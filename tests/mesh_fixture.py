@@ -10,7 +10,7 @@ import asyncio
 import os
 
 from pydantic import BaseModel
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from agents import Agent, Context, DependencySpec, NonRetryable, RetryPolicy
 from schemas import registry
@@ -42,7 +42,9 @@ _redis: Redis | None = None
 def redis() -> Redis:
     global _redis
     if _redis is None:
-        _redis = Redis.from_url(os.environ["MESH_REDIS_URL"])
+        # a blocking pool: 200 handlers at once wait for a connection instead of failing
+        pool = BlockingConnectionPool.from_url(os.environ["MESH_REDIS_URL"], max_connections=50, timeout=5)
+        _redis = Redis(connection_pool=pool)
     return _redis
 
 

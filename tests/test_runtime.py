@@ -363,3 +363,29 @@ async def test_postgres_restart_under_load_loses_and_doubles_nothing(
         assert max(runs) == 1
     finally:
         await fresh.close()
+
+
+async def test_redis_crash_and_restart_under_a_running_agent(
+    redis: Redis, pg: asyncpg.Connection, agents: Start, stack: devstack.StackConfig
+) -> None:
+    before = [job(i) for i in range(200)]
+    await publish(redis, before)
+    p = agents("worker")
+    await eventually(lambda: _drained(redis, "t:jobs", "worker"), timeout=30, what="first half")
+    await asyncio.sleep(1.5)  # AOF fsyncs every second: let the first half reach the disk
+    devstack.kill9(stack, "redis")
+    await asyncio.sleep(1.0)  # the agent sees the broker gone and backs off
+    await asyncio.to_thread(devstack.up, stack, ("redis",))
+    after = [job(i) for i in range(200, 400)]
+    await eventually(lambda: _publish_ok(redis, after), timeout=20, what="redis back")
+    await eventually(lambda: _drained(redis, "t:jobs", "worker"), timeout=60, what="second half")
+    assert p.alive()
+    await _assert_exactly_once(redis, pg, before + after)
+
+
+async def _publish_ok(redis: Redis, envelopes: list[Any]) -> bool:
+    try:
+        await publish(redis, envelopes)
+        return True
+    except Exception:
+        return False
