@@ -18,8 +18,6 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
 from agents.resilience import DependencySpec
 from schemas.registry import Registry
 from schemas.registry import registry as default_registry
@@ -28,7 +26,6 @@ if TYPE_CHECKING:
     from agents.context import Context
 
 Handler = Callable[[Any, "Context"], Awaitable[Any]]
-Projection = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
 
 AGENTS: dict[str, Agent] = {}
 """Every agent defined in this process, by name (what `mesh agent run NAME` looks up)."""
@@ -97,7 +94,3 @@ class Agent:
             "emits": sorted(self.emits),
             "dependencies": sorted(self.dependencies),
         }
-
-
-def payload_model(agent: Agent, event_type: str) -> type[BaseModel]:
-    return agent.registry.get(event_type).model

@@ -66,12 +66,3 @@ async def migrate(dsn: str) -> list[Migration]:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
     finally:
         await conn.close()
-
-
-async def pending(dsn: str) -> list[Migration]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        done = await applied(conn)
-    finally:
-        await conn.close()
-    return [m for m in available() if m.version not in done]

@@ -43,7 +43,9 @@ def redis() -> Redis:
     global _redis
     if _redis is None:
         # a blocking pool: 200 handlers at once wait for a connection instead of failing
-        pool = BlockingConnectionPool.from_url(os.environ["MESH_REDIS_URL"], max_connections=50, timeout=5)
+        pool = BlockingConnectionPool.from_url(
+            os.environ["MESH_REDIS_URL"], max_connections=50, timeout=5
+        )
         _redis = Redis(connection_pool=pool)
     return _redis
 
