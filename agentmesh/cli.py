@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 the operation failed, 2 bad input (usage, invalid payload),
 from __future__ import annotations
 
 import asyncio
+import getpass
 import importlib
 import json
 import os
@@ -39,6 +40,17 @@ agent_app = typer.Typer(help="Run and list agents.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(db_app, name="db")
 app.add_typer(agent_app, name="agent")
+
+
+def _register_audit_commands() -> None:
+    from agentmesh.audit_cli import outbox_app, relay_app, replay
+
+    app.add_typer(relay_app, name="relay")
+    app.add_typer(outbox_app, name="outbox")
+    app.command("replay")(replay)
+
+
+_register_audit_commands()
 
 out = Console(width=None if sys.stdout.isatty() else 160)  # piped output: do not wrap at 80
 err = Console(stderr=True, soft_wrap=True)
@@ -276,7 +288,10 @@ def publish(
         fail("payload must be a JSON object", EXIT_INPUT)
     try:
         expected = registry.stream_of(event_type)
-        fields: dict[str, Any] = {"session_id": session or f"s-{new_event_id()}"}
+        fields: dict[str, Any] = {
+            "session_id": session or f"s-{new_event_id()}",
+            "source": f"cli:{getpass.getuser()}",  # who put it into the mesh, for the audit log
+        }
         if idempotency_key:
             fields["idempotency_key"] = idempotency_key
         env = registry.make(event_type, data, **fields)
@@ -300,16 +315,22 @@ def publish(
 
 
 async def _publish(s: Settings, stream: str, env: Any) -> str | None:
+    """Outbox row first (so the audit log and `mesh outbox redrive` know the event), then
+    the deduplicating XADD."""
+    import asyncpg
     from redis.asyncio import Redis
 
-    from bus import Outgoing, Streams
+    from bus import Streams
+    from outbox.publish import publish_events
 
     redis = Redis.from_url(s.redis_url)
+    conn = await asyncpg.connect(s.postgres_dsn)
     try:
         bus = Streams(redis, group="-", consumer="-", dedup_ttl_s=s.dedup_ttl_s)
-        (entry_id,) = await bus.publish([Outgoing(stream, env.event_id, env.to_wire())])
+        (entry_id,) = await publish_events(conn, bus, [(stream, env)])
         return entry_id
     finally:
+        await conn.close()
         await redis.aclose()
 
 
@@ -346,8 +367,10 @@ def main() -> None:
     import asyncpg
     import pydantic
     import redis.exceptions
+    from aiokafka.errors import KafkaConnectionError, KafkaError
 
     from agentmesh.devstack import StackError
+    from outbox.replay import ReplayError
 
     try:
         code = app(standalone_mode=False)  # click returns (not raises) the code of typer.Exit
@@ -359,6 +382,12 @@ def main() -> None:
     except (redis.exceptions.ConnectionError, ConnectionRefusedError, OSError) as exc:
         err.print(f"[red]error:[/] cannot reach a server: {exc}", highlight=False)
         sys.exit(EXIT_UNAVAILABLE)
+    except KafkaConnectionError as exc:
+        err.print(f"[red]error:[/] cannot reach Kafka: {exc}", highlight=False)
+        sys.exit(EXIT_UNAVAILABLE)
+    except (KafkaError, ReplayError) as exc:
+        err.print(f"[red]error:[/] Kafka: {exc}", highlight=False)
+        sys.exit(EXIT_FAILED)
     except asyncpg.PostgresError as exc:
         err.print(f"[red]error:[/] PostgreSQL: {exc}", highlight=False)
         sys.exit(EXIT_FAILED)

@@ -65,6 +65,37 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=9100, ge=0, description="/healthz, /readyz, /metrics; 0 = any")
     pg_pool_size: int = Field(default=4, ge=1)
+    audit_topic: str = Field(default="mesh.audit", description="Kafka topic of the audit log")
+    kafka_partitions: int = Field(default=12, ge=1, description="partitions of a new audit topic")
+    kafka_replication_factor: int = Field(default=1, ge=1, description="replicas of a new topic")
+    kafka_retention_ms: int = Field(
+        default=-1, ge=-1, description="retention.ms of a new audit topic (-1 = keep forever)"
+    )
+    kafka_create_topics: bool = Field(
+        default=True, description="create the audit topic at relay start-up when missing"
+    )
+    kafka_idempotent_producer: bool = Field(
+        default=False,
+        description="Apache Kafka only: enable.idempotence (Tansu does not support it)",
+    )
+    kafka_request_timeout_ms: int = Field(default=30_000, ge=1000)
+    relay_slots: int = Field(
+        default=64, ge=1, le=4096, description="session hash slots (same on every relay)"
+    )
+    relay_batch_size: int = Field(default=2000, ge=1, description="outbox rows per relay round")
+    relay_poll_interval_s: float = Field(
+        default=1.0, gt=0, description="relay poll when no NOTIFY arrives"
+    )
+    relay_rebalance_interval_s: float = Field(
+        default=5.0, gt=0, description="how often relays re-share the slots"
+    )
+    relay_retry_max_s: float = Field(
+        default=30.0, gt=0, description="largest relay backoff while Kafka is down"
+    )
+    outbox_retention_s: float = Field(
+        default=7 * 86400.0, ge=0, description="published outbox rows older than this are pruned"
+    )
+    outbox_prune_interval_s: float = Field(default=60.0, gt=0)
     log_format: str = Field(default="console", pattern="^(console|json)$")
     log_level: str = "INFO"
 

@@ -10,6 +10,8 @@
 
 The streams an agent consumes follow from the event types it handles (each type travels on
 the stream the registry names); the events it may emit are declared with `emits`.
+`@planner.projection("plan.ready")` declares how an event changes the session's state, so
+`mesh replay SESSION --state` can rebuild that state from the audit log alone.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agents.resilience import DependencySpec
+from schemas.envelope import Envelope
 from schemas.registry import Registry
 from schemas.registry import registry as default_registry
 
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
     from agents.context import Context
 
 Handler = Callable[[Any, "Context"], Awaitable[Any]]
+Projection = Callable[[dict[str, Any], Any, Envelope], None]
+"""Folds one replayed event into a session's state: `fn(state, payload, envelope)` mutates
+`state`. Pure and synchronous: replay runs it years later, with no servers."""
 
 AGENTS: dict[str, Agent] = {}
 """Every agent defined in this process, by name (what `mesh agent run NAME` looks up)."""
@@ -55,6 +61,7 @@ class Agent:
         self.emits = set(emits)
         self.dependencies = {d.name: d for d in dependencies}
         self.handlers: dict[str, HandlerSpec] = {}
+        self.projections: dict[str, list[Projection]] = {}
         AGENTS[name] = self
 
     def handler(
@@ -71,6 +78,16 @@ class Agent:
         def register(fn: Handler) -> Handler:
             self.registry.get(event_type)  # fail fast on a typo
             self.handlers[event_type] = HandlerSpec(event_type, fn, needs, timeout_s)
+            return fn
+
+        return register
+
+    def projection(self, event_type: str) -> Callable[[Projection], Projection]:
+        """Register how `event_type` changes the session's state, for `mesh replay --state`."""
+
+        def register(fn: Projection) -> Projection:
+            self.registry.get(event_type)
+            self.projections.setdefault(event_type, []).append(fn)
             return fn
 
         return register

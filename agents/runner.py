@@ -19,10 +19,10 @@ import asyncpg
 import structlog
 from redis.asyncio import Redis
 
+from agentmesh.health import HealthServer
 from agentmesh.settings import Settings
 from agents.agent import Agent
 from agents.consumer import ConsumerLoop
-from agents.health import HealthServer
 from agents.metrics import Metrics
 from agents.resilience import STATE_VALUE, Dependency
 

@@ -41,10 +41,14 @@ act AS (
     RETURNING id
 ),
 ob AS (
-    INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, idempotency_key)
-    SELECT o.event_id, o.session_id, o.type, o.stream, o.envelope, $1, o.idempotency_key
-    FROM unnest($10::uuid[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
-         WITH ORDINALITY AS o(event_id, session_id, type, stream, envelope, idempotency_key, ord)
+    INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, idempotency_key,
+                             causation_id, schema_version)
+    SELECT o.event_id, o.session_id, o.type, o.stream, o.envelope, $1, o.idempotency_key,
+           o.causation_id, o.schema_version
+    FROM unnest($10::uuid[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
+                $16::text[], $17::int[])
+         WITH ORDINALITY AS o(event_id, session_id, type, stream, envelope, idempotency_key,
+                              causation_id, schema_version, ord)
     JOIN idem USING (idempotency_key)
     ORDER BY o.ord
     RETURNING id
@@ -141,7 +145,7 @@ class UnitOfWork:
 
     async def _commit(self, works: Sequence[Work]) -> set[str]:
         cols: list[list[Any]] = [[] for _ in range(8)]
-        ocols: list[list[Any]] = [[] for _ in range(6)]
+        ocols: list[list[Any]] = [[] for _ in range(8)]
         for w in works:
             emitted = [(None, e) for e in w.audit] + [(s, e) for s, e in w.handoffs]
             for col, val in zip(
@@ -169,6 +173,8 @@ class UnitOfWork:
                         stream,
                         env.to_json(),
                         w.idempotency_key,
+                        env.causation_id,
+                        env.schema_version,
                     ),
                     strict=True,
                 ):

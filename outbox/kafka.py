@@ -1,0 +1,86 @@
+"""Kafka plumbing shared by the relay, replay and republish: clients, the audit topic, the
+partition of a session and the record headers.
+
+Only features that both Apache Kafka and Tansu support are used by default: `acks=all`,
+explicit per-partition batches, plain fetches. The idempotent producer is opt-in
+(`MESH_KAFKA_IDEMPOTENT_PRODUCER`), because Tansu rejects InitProducerId.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import murmur2
+
+from agentmesh.settings import Settings
+
+#: Largest record batch the relay builds (one envelope is at most 256 KiB by default).
+MAX_BATCH_BYTES = 512 * 1024
+_TOPIC_ALREADY_EXISTS = 36
+
+#: Header names on every audit record, so consumers can route without parsing the value.
+HEADERS = ("event_id", "type", "schema_version", "session_id", "agent", "causation_id")
+
+
+class TopicSetupError(RuntimeError):
+    pass
+
+
+def producer(s: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=s.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=s.kafka_idempotent_producer,
+        max_batch_size=MAX_BATCH_BYTES,
+        max_request_size=2 * MAX_BATCH_BYTES,
+        request_timeout_ms=s.kafka_request_timeout_ms,
+        linger_ms=0,
+        client_id="agentmesh-relay",
+    )
+
+
+def consumer(s: Settings) -> AIOKafkaConsumer:
+    """A group-less consumer: replay assigns partitions and seeks itself, commits nothing."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=s.kafka_bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        request_timeout_ms=s.kafka_request_timeout_ms,
+        client_id="agentmesh-replay",
+    )
+
+
+async def ensure_topic(s: Settings) -> bool:
+    """Create the audit topic with the configured partitions and retention when it is missing.
+    Returns True when it was created now."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=s.kafka_request_timeout_ms
+    )
+    await admin.start()
+    try:
+        if s.audit_topic in await admin.list_topics():
+            return False
+        topic = NewTopic(
+            s.audit_topic,
+            num_partitions=s.kafka_partitions,
+            replication_factor=s.kafka_replication_factor,
+            topic_configs={"retention.ms": str(s.kafka_retention_ms)},
+        )
+        resp = await admin.create_topics([topic])
+        for name, code, message in resp.topic_errors:
+            if code not in (0, _TOPIC_ALREADY_EXISTS):
+                raise TopicSetupError(f"cannot create topic {name}: error {code} {message or ''}")
+        return all(code == 0 for _, code, _ in resp.topic_errors)
+    finally:
+        await admin.close()
+
+
+def partition_of(session_id: str, partitions: Sequence[int]) -> int:
+    """The partition Kafka's default partitioner picks for this key (murmur2, as the Java
+    client), so replay knows where a session lives without any index."""
+    ordered = sorted(partitions)
+    index: int = (murmur2(session_id.encode()) & 0x7FFFFFFF) % len(ordered)
+    return ordered[index]
