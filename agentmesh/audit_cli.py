@@ -91,10 +91,11 @@ def relay_status(as_json: JsonOpt = False) -> None:
         return
     out.print(
         f"backlog: {data['backlog_rows']} rows, oldest {data['backlog_oldest_s']:.1f} s · "
-        f"slots: {data['slots_owned']}/{data['slots']} owned by {len(data['relays'])} relay(s)",
+        f"partitions: {data['slots_owned']}/{data['slots']} owned by "
+        f"{len(data['relays'])} relay(s)",
         highlight=False,
     )
-    table = Table("relay (postgres pid)", "client address", "slots owned")
+    table = Table("relay (postgres pid)", "client address", "partitions owned")
     for r in data["relays"]:
         table.add_row(str(r["pid"]), str(r["client_addr"] or "local"), str(r["slots"]))
     out.print(table)
@@ -123,7 +124,7 @@ async def _relay_status() -> dict[str, Any]:
             MEMBER_LOCK_CLASS,
             SLOT_LOCK_CLASS,
         )
-        slots = await conn.fetchval("SELECT slots FROM mesh_relay_config") or s.relay_slots
+        slots = await conn.fetchval("SELECT slots FROM mesh_relay_config") or 0
     finally:
         await conn.close()
     assert backlog is not None

@@ -78,16 +78,19 @@ class Settings(BaseSettings):
         default=False,
         description="Apache Kafka only: enable.idempotence (Tansu does not support it)",
     )
-    kafka_request_timeout_ms: int = Field(default=30_000, ge=1000)
-    relay_slots: int = Field(
-        default=64, ge=1, le=4096, description="session hash slots (same on every relay)"
+    kafka_touch_partitions: bool = Field(
+        default=True,
+        description="ask for each partition's offsets before a relay round sends to it: Tansu "
+        "restarts a partition at offset 0 if it is produced to before it is read after a broker "
+        "restart (overwriting acked records); one cheap request per round, harmless on Kafka",
     )
+    kafka_request_timeout_ms: int = Field(default=30_000, ge=1000)
     relay_batch_size: int = Field(default=2000, ge=1, description="outbox rows per relay round")
     relay_poll_interval_s: float = Field(
         default=1.0, gt=0, description="relay poll when no NOTIFY arrives"
     )
     relay_rebalance_interval_s: float = Field(
-        default=5.0, gt=0, description="how often relays re-share the slots"
+        default=5.0, gt=0, description="how often relays re-share the partitions"
     )
     relay_retry_max_s: float = Field(
         default=30.0, gt=0, description="largest relay backoff while Kafka is down"

@@ -12,12 +12,16 @@ from outbox.replay import Replay
 from schemas.audit import ACTION
 
 
-def summary(event_type: str, payload: Any, limit: int = 90) -> str:
-    """A one-line gist of a payload: `mesh.action` in words, other payloads as key=value."""
+def summary(
+    event_type: str, payload: Any, limit: int = 90, types: dict[str, str] | None = None
+) -> str:
+    """A one-line gist of a payload: `mesh.action` in words (emitted event ids shown as their
+    types when `types` knows them), other payloads as key=value."""
     if not isinstance(payload, dict):
         return _cut(json.dumps(payload, default=str), limit)
     if event_type == ACTION:
-        emitted = ", ".join(payload.get("emitted") or []) or "nothing"
+        names = types or {}
+        emitted = ", ".join(names.get(i, i) for i in payload.get("emitted") or []) or "nothing"
         result = payload.get("result")
         text = f"handled {payload.get('input_type')} → emitted {emitted}"
         if result not in (None, {}, []):
@@ -52,6 +56,7 @@ def render(rep: Replay, console: Console) -> None:
     )
     table = Table("#", "time (UTC)", "+s", "agent", "event", "what happened", box=None)
     t0 = rep.events[0].envelope.created_at if rep.events else None
+    types = {e.envelope.event_id: e.envelope.type for e in rep.events}
     for i, e in enumerate(rep.events, 1):
         env = e.envelope
         since = (env.created_at - t0).total_seconds() if t0 else 0.0
@@ -61,7 +66,7 @@ def render(rep: Replay, console: Console) -> None:
             f"{since:.3f}",
             env.source,
             env.type,
-            summary(env.type, env.payload),
+            summary(env.type, env.payload, types=types),
         )
     console.print(table)
     if rep.stopped_at:

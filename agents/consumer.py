@@ -37,7 +37,7 @@ import structlog
 from aiobreaker import CircuitBreakerError
 from pydantic import BaseModel
 
-from agents import faults
+from agentmesh import faults
 from agents.agent import HandlerSpec
 from agents.context import Context
 from agents.resilience import NonRetryable

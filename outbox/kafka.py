@@ -53,6 +53,21 @@ def consumer(s: Settings) -> AIOKafkaConsumer:
     )
 
 
+def probe_consumer(s: Settings) -> AIOKafkaConsumer:
+    """A consumer for tiny fetches that only learn each partition's high watermark."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=s.kafka_bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="latest",
+        fetch_max_wait_ms=10,
+        max_partition_fetch_bytes=1024,
+        fetch_max_bytes=64 * 1024,
+        request_timeout_ms=s.kafka_request_timeout_ms,
+        client_id="agentmesh-relay-probe",
+    )
+
+
 async def ensure_topic(s: Settings) -> bool:
     """Create the audit topic with the configured partitions and retention when it is missing.
     Returns True when it was created now."""
@@ -78,9 +93,15 @@ async def ensure_topic(s: Settings) -> bool:
         await admin.close()
 
 
+def session_hash(session_id: str) -> int:
+    """murmur2 of the key, positive: what Kafka's default partitioner (and the Java client)
+    computes. Stored on every outbox row, so relays can select a partition's rows in SQL."""
+    value: int = murmur2(session_id.encode()) & 0x7FFFFFFF
+    return value
+
+
 def partition_of(session_id: str, partitions: Sequence[int]) -> int:
-    """The partition Kafka's default partitioner picks for this key (murmur2, as the Java
-    client), so replay knows where a session lives without any index."""
+    """The partition Kafka's default partitioner picks for this key, so replay knows where a
+    session lives without any index."""
     ordered = sorted(partitions)
-    index: int = (murmur2(session_id.encode()) & 0x7FFFFFFF) % len(ordered)
-    return ordered[index]
+    return ordered[session_hash(session_id) % len(ordered)]

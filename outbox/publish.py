@@ -13,13 +13,14 @@ import asyncpg
 
 from bus.entry import Outgoing
 from bus.streams import Streams
+from outbox.kafka import session_hash
 from schemas.envelope import Envelope
 
 _INSERT_SQL = """
 INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, idempotency_key,
-                         causation_id, schema_version)
+                         causation_id, schema_version, session_hash)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::text[], $9::int[])
+                     $7::text[], $8::text[], $9::int[], $10::int[])
 ON CONFLICT (event_id) DO NOTHING
 """
 
@@ -33,7 +34,7 @@ async def publish_events(
     Returns the new entry ids (None: that event id was already on its stream)."""
     if not events:
         return []
-    cols: list[list[object]] = [[] for _ in range(9)]
+    cols: list[list[object]] = [[] for _ in range(10)]
     for stream, env in events:
         values = (
             env.event_id,
@@ -45,6 +46,7 @@ async def publish_events(
             env.idempotency_key,
             env.causation_id,
             env.schema_version,
+            session_hash(env.session_id),
         )
         for col, val in zip(cols, values, strict=True):
             col.append(val)

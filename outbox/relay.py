@@ -1,9 +1,12 @@
 """The outbox relay: unpublished outbox rows -> Kafka (acks=all) -> rows marked published.
 
-Ownership. Sessions hash into `relay_slots` slots; a relay publishes a slot's rows only while
-it holds that slot's Postgres advisory lock, on a connection kept for that purpose. Locks die
-with the connection, so a crashed relay's slots are free at once; live relays share the slots
-evenly (each takes ceil(slots / relays)). So a session's rows are sent by one relay at a time.
+Ownership. The slots are the audit topic's Kafka partitions: a session's rows go to partition
+session_hash % partitions (Kafka's own key partitioning). A relay publishes a partition's rows
+only while it holds that partition's Postgres advisory lock, on a connection kept for that
+purpose. Locks die with the connection, so a crashed relay's partitions are free at once; live
+relays share them evenly (each takes ceil(partitions / relays)). So a session's rows, and a
+partition's records, are written by one relay at a time. (One writer per partition is also
+what Tansu needs: concurrent producers to one partition there get overlapping offsets.)
 
 No skipped rows. The relay never reads "id > last id". Each round selects rows still marked
 unpublished, in id order, so a transaction that commits late, holding low ids, is simply found
@@ -32,9 +35,10 @@ from typing import Any
 
 import asyncpg
 import structlog
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from agentmesh import faults
 from agentmesh.settings import Settings
 from outbox import kafka
 
@@ -44,13 +48,11 @@ SLOT_LOCK_CLASS = 0x6D657372  # "mesr": (class, slot) advisory locks, one per ow
 MEMBER_LOCK_CLASS = 0x6D65736D  # "mesm": every live relay holds (class, 0) in share mode
 PRUNE_LOCK_CLASS = 0x6D657370  # "mesp": one pruner at a time
 
-SLOT_SQL = "(hashtextextended(session_id, 0) & 9223372036854775807) % $1"
-
-_FETCH_SQL = f"""
+_FETCH_SQL = """
 SELECT id, event_id::text AS event_id, session_id, type, envelope, agent, causation_id,
-       schema_version
+       schema_version, session_hash
 FROM mesh_outbox
-WHERE published_at IS NULL AND {SLOT_SQL} = ANY($2::int[])
+WHERE published_at IS NULL AND session_hash % $1 = ANY($2::int[])
 ORDER BY id
 LIMIT $3
 """
@@ -101,6 +103,7 @@ class Row:
     agent: str
     causation_id: str | None
     schema_version: int
+    session_hash: int
 
     def headers(self) -> list[tuple[str, bytes]]:
         values = (
@@ -138,8 +141,13 @@ class RelayMetrics:
             "Age of the oldest unpublished outbox row",
             registry=r,
         )
-        self.slots_owned = Gauge("mesh_relay_slots_owned", "Slots this relay owns", registry=r)
+        self.slots_owned = Gauge("mesh_relay_slots_owned", "Partitions (slots) this relay owns", registry=r)
         self.relays = Gauge("mesh_relay_members", "Live relays seen by this one", registry=r)
+        self.offset_regressions = Counter(
+            "mesh_relay_offset_regressions",
+            "Acks whose offset was not above one acked before (the broker lost records)",
+            registry=r,
+        )
         self.pruned = Counter("mesh_outbox_pruned", "Published rows pruned", registry=r)
         self.round_seconds = Histogram(
             "mesh_relay_round_seconds",
@@ -173,24 +181,23 @@ class Relay:
         self.pool: asyncpg.Pool | None = None
         self._lock_conn: asyncpg.Connection | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._probe: AIOKafkaConsumer | None = None
         self._partitions: list[int] = []
+        self._high: dict[int, int] = {}  # partition -> highest offset acked to this relay
         self._wake = asyncio.Event()
-        self._order = list(range(settings.relay_slots))
-        random.shuffle(self._order)  # relays starting together try different slots first
+        self.slots = 0  # the topic's partition count, once Kafka told it
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         self.pool = await asyncpg.create_pool(self.s.postgres_dsn, min_size=1, max_size=3)
-        await self._check_slot_config()
         await self._connect_locks()
 
+    async def prepare(self) -> None:
+        """Kafka side: the topic set up, a producer connected, the partitions known."""
+        await self._ensure_producer()
+
     async def close(self) -> None:
-        if self._producer is not None:
-            try:
-                await self._producer.stop()
-            except Exception:  # a broken connection to a broker that is gone
-                pass
-            self._producer = None
+        await self._reset_producer()
         if self._lock_conn is not None and not self._lock_conn.is_closed():
             await self._lock_conn.close()  # releases every slot at once
         self._lock_conn = None
@@ -199,19 +206,19 @@ class Relay:
             await self.pool.close()
             self.pool = None
 
-    async def _check_slot_config(self) -> None:
+    async def _check_slot_config(self, partitions: int) -> None:
         assert self.pool is not None
         slots = await self.pool.fetchval(
             """INSERT INTO mesh_relay_config (slots) VALUES ($1)
                ON CONFLICT (id) DO UPDATE SET slots = mesh_relay_config.slots
                RETURNING slots""",
-            self.s.relay_slots,
+            partitions,
         )
-        if slots != self.s.relay_slots:
+        if slots != partitions:
             raise SlotConfigMismatch(
-                f"relays share {slots} slots but this one is configured with "
-                f"{self.s.relay_slots} (MESH_RELAY_SLOTS); stop every relay to change it, then "
-                "DELETE FROM mesh_relay_config"
+                f"relays share {slots} partitions but {self.s.audit_topic} has {partitions}; "
+                "after changing a topic's partitions, stop every relay, "
+                "DELETE FROM mesh_relay_config, then start them again"
             )
 
     async def _connect_locks(self) -> None:
@@ -233,21 +240,39 @@ class Relay:
                 await p.stop()
                 raise
             self._producer = p
+        if self.s.kafka_touch_partitions and self._probe is None:
+            probe = kafka.probe_consumer(self.s)
+            try:
+                await probe.start()
+            except Exception:
+                await probe.stop()
+                raise
+            self._probe = probe
         if not self._partitions:
-            self._partitions = sorted(await self._producer.partitions_for(self.s.audit_topic))
+            parts = sorted(await self._producer.partitions_for(self.s.audit_topic))
+            if parts != list(range(len(parts))):
+                raise SlotConfigMismatch(f"{self.s.audit_topic} has partitions {parts}")
+            if self.slots != len(parts):
+                await self._check_slot_config(len(parts))
+                self.slots = len(parts)
+            self._partitions = parts
         return self._producer
 
     async def _reset_producer(self) -> None:
         p, self._producer, self._partitions = self._producer, None, []
-        if p is not None:
-            try:
-                await p.stop()
-            except Exception:
-                pass
+        probe, self._probe = self._probe, None
+        for client in (p, probe):
+            if client is not None:
+                try:
+                    await client.stop()
+                except Exception:  # a broken connection to a broker that is gone
+                    pass
 
     # -- slots --------------------------------------------------------------------------------
     async def rebalance(self) -> None:
         """Take free slots up to a fair share, give back any above it."""
+        if not self.slots:
+            await self._ensure_producer()
         conn = self._lock_conn
         if conn is None or conn.is_closed():
             self.owned.clear()
@@ -262,13 +287,15 @@ class Relay:
                 MEMBER_LOCK_CLASS,
             ),
         )
-        fair = self.s.relay_slots if self.drain else math.ceil(self.s.relay_slots / self.relays)
+        fair = self._fair_share()
         if len(self.owned) > fair:
             for slot in sorted(self.owned)[fair:]:
                 await conn.execute("SELECT pg_advisory_unlock($1, $2)", SLOT_LOCK_CLASS, slot)
                 self.owned.discard(slot)
         elif len(self.owned) < fair:
-            for slot in self._order:
+            order = list(range(self.slots))
+            random.shuffle(order)  # relays starting together try different slots first
+            for slot in order:
                 if len(self.owned) >= fair:
                     break
                 if slot in self.owned:
@@ -280,9 +307,11 @@ class Relay:
         self.metrics.slots_owned.set(len(self.owned))
         self.metrics.relays.set(self.relays)
 
+    def _fair_share(self) -> int:
+        return self.slots if self.drain else math.ceil(self.slots / self.relays)
+
     def share_missing(self) -> bool:
-        fair = self.s.relay_slots if self.drain else math.ceil(self.s.relay_slots / self.relays)
-        return len(self.owned) < fair
+        return len(self.owned) < self._fair_share()
 
     # -- one round ----------------------------------------------------------------------------
     async def fetch(self) -> list[Row]:
@@ -290,7 +319,7 @@ class Relay:
         if not self.owned:
             return []
         recs = await self.pool.fetch(
-            _FETCH_SQL, self.s.relay_slots, sorted(self.owned), self.s.relay_batch_size
+            _FETCH_SQL, self.slots, sorted(self.owned), self.s.relay_batch_size
         )
         return [Row(**dict(r)) for r in recs]
 
@@ -303,9 +332,10 @@ class Relay:
         started = time.perf_counter()
         producer = await self._ensure_producer()
         by_partition: dict[int, list[Row]] = {}
-        for row in rows:
-            p = kafka.partition_of(row.session_id, self._partitions)
-            by_partition.setdefault(p, []).append(row)
+        for row in rows:  # the slot is the partition: Kafka's own key partitioning
+            by_partition.setdefault(row.session_hash % self.slots, []).append(row)
+        if self._probe is not None:
+            await self._touch(self._probe, list(by_partition))
         sent = await asyncio.gather(
             *(self._send_partition(producer, p, rs) for p, rs in by_partition.items())
         )
@@ -321,11 +351,28 @@ class Relay:
                 res.failed_partitions[p] = error
         if ids:
             assert self.pool is not None
+            faults.point("relay_after_ack")
             await self.pool.execute(_MARK_SQL, self.s.audit_topic, ids, parts, offsets)
         res.published = len(ids)
         self.metrics.published.inc(len(ids))
         self.metrics.round_seconds.observe(time.perf_counter() - started)
         return res
+
+    async def _touch(self, probe: AIOKafkaConsumer, partitions: list[int]) -> None:
+        """Fetch from each partition before producing to it (Settings.kafka_touch_partitions).
+
+        Tansu restarts a partition at offset 0, overwriting acked records, when it is produced
+        to before anything fetched from it since the broker started; a fetch makes it load its
+        high watermark. ListOffsets does not. On Apache Kafka this is one cheap fetch."""
+        tps = [TopicPartition(self.s.audit_topic, p) for p in partitions]
+        probe.assign(tps)
+        for tp in tps:
+            probe.seek(tp, max(0, self._high.get(tp.partition, 0)))
+        deadline = time.monotonic() + self.s.kafka_request_timeout_ms / 1000
+        while any(probe.highwater(tp) is None for tp in tps):
+            if time.monotonic() > deadline:
+                raise TimeoutError("no fetch answer from Kafka for the partition probe")
+            await probe.getmany(*tps, timeout_ms=100, max_records=1)
 
     async def _send_partition(
         self, producer: AIOKafkaProducer, partition: int, rows: Sequence[Row]
@@ -333,6 +380,7 @@ class Relay:
         """Send rows as consecutive record batches, each after the previous one's ack; stop at
         the first failure. Returns the acked prefix with offsets, and the error if any."""
         acked: list[tuple[Row, int]] = []
+        last = self._high.get(partition, -1)
         i = 0
         while i < len(rows):
             batch = producer.create_batch()
@@ -358,6 +406,17 @@ class Relay:
             except Exception as exc:
                 self.metrics.send_failures.inc()
                 return partition, acked, f"{type(exc).__name__}: {exc}"
+            if meta.offset <= last:
+                self.metrics.offset_regressions.inc()
+                log.error(
+                    "relay: the broker handed out an offset it had already acked; records at "
+                    "and after it may have been overwritten (`mesh outbox republish --since`)",
+                    partition=partition,
+                    offset=meta.offset,
+                    previous=last,
+                )
+            last = meta.offset + len(chunk) - 1
+            self._high[partition] = last
             acked.extend((row, meta.offset + k) for k, row in enumerate(chunk))
         return partition, acked, None
 
@@ -392,9 +451,34 @@ class Relay:
     # -- the loop -----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until `stop` is set. Kafka or Postgres outages back off and retry; slots
-        are re-shared every `relay_rebalance_interval_s` (sooner while below a fair share)."""
+        are re-shared every `relay_rebalance_interval_s` (sooner while below a fair share).
+        Backlog metrics and pruning run beside the rounds, so they stay current while a round
+        waits on a broker that is down."""
+        housekeeping = asyncio.create_task(self._housekeeping(stop))
+        try:
+            await self._rounds(stop)
+        finally:
+            housekeeping.cancel()
+            try:
+                await housekeeping
+            except asyncio.CancelledError:
+                pass
+
+    async def _housekeeping(self, stop: asyncio.Event) -> None:
+        next_prune = 0.0
+        while not stop.is_set():
+            try:
+                await self.backlog()
+                if time.monotonic() >= next_prune and self.s.outbox_retention_s > 0:
+                    await self.prune()
+                    next_prune = time.monotonic() + self.s.outbox_prune_interval_s
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("relay: housekeeping failed", error=str(exc))
+            await _sleep_or_stop(stop, 2.0)
+
+    async def _rounds(self, stop: asyncio.Event) -> None:
         backoff = 0.0
-        next_rebalance = next_housekeeping = next_prune = 0.0
+        next_rebalance = 0.0
         while not stop.is_set():
             now = time.monotonic()
             try:
@@ -402,16 +486,12 @@ class Relay:
                     await self.rebalance()
                     fast = self.share_missing()
                     next_rebalance = now + (0.5 if fast else self.s.relay_rebalance_interval_s)
-                if now >= next_housekeeping:
-                    await self.backlog()
-                    next_housekeeping = now + 2.0
-                if now >= next_prune and self.s.outbox_retention_s > 0:
-                    await self.prune()
-                    next_prune = now + self.s.outbox_prune_interval_s
                 self._wake.clear()
                 if self.owned:
                     await self._ensure_producer()
                 res = await self.round()
+            except SlotConfigMismatch:
+                raise
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 backoff = self._next_backoff(backoff)
                 log.warning("relay: postgres unavailable", error=str(exc), retry_in=backoff)
@@ -437,8 +517,9 @@ class Relay:
                     error=next(iter(res.failed_partitions.values())),
                     retry_in=backoff,
                 )
-                if any("UnknownTopic" in e for e in res.failed_partitions.values()):
-                    await self._reset_producer()  # the topic was lost: set it up again
+                # A new producer (and partition probe) for the next round: the broker may come
+                # back as a new process, and the topic may have to be set up again.
+                await self._reset_producer()
                 await _sleep_or_stop(stop, backoff)
                 continue
             self.kafka_ok = self._producer is not None or self.kafka_ok

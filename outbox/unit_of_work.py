@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 
 from bus.entry import Outgoing
+from outbox.kafka import session_hash
 from schemas.envelope import Envelope
 
 _COMMIT_SQL = """
@@ -42,13 +43,13 @@ act AS (
 ),
 ob AS (
     INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, idempotency_key,
-                             causation_id, schema_version)
+                             causation_id, schema_version, session_hash)
     SELECT o.event_id, o.session_id, o.type, o.stream, o.envelope, $1, o.idempotency_key,
-           o.causation_id, o.schema_version
+           o.causation_id, o.schema_version, o.session_hash
     FROM unnest($10::uuid[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
-                $16::text[], $17::int[])
+                $16::text[], $17::int[], $18::int[])
          WITH ORDINALITY AS o(event_id, session_id, type, stream, envelope, idempotency_key,
-                              causation_id, schema_version, ord)
+                              causation_id, schema_version, session_hash, ord)
     JOIN idem USING (idempotency_key)
     ORDER BY o.ord
     RETURNING id
@@ -145,7 +146,7 @@ class UnitOfWork:
 
     async def _commit(self, works: Sequence[Work]) -> set[str]:
         cols: list[list[Any]] = [[] for _ in range(8)]
-        ocols: list[list[Any]] = [[] for _ in range(8)]
+        ocols: list[list[Any]] = [[] for _ in range(9)]
         for w in works:
             emitted = [(None, e) for e in w.audit] + [(s, e) for s, e in w.handoffs]
             for col, val in zip(
@@ -175,6 +176,7 @@ class UnitOfWork:
                         w.idempotency_key,
                         env.causation_id,
                         env.schema_version,
+                        session_hash(env.session_id),
                     ),
                     strict=True,
                 ):

@@ -1,4 +1,5 @@
-"""One local stack (Redis + PostgreSQL, real servers on loopback) for the whole test session.
+"""One local stack (Redis, PostgreSQL and the Kafka-compatible broker on file-backed S3, real
+servers on loopback) for the whole test session.
 
 Servers get free ports and a temporary data dir; they are stopped when the session ends.
 Each test starts from empty streams and tables.
@@ -36,11 +37,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.StackCo
         s3_port=devstack.free_port(),
     )
     try:
-        devstack.up(cfg, ("redis", "postgres"))
+        devstack.up(cfg, ("redis", "postgres", "kafka"))
         asyncio.run(migrate(cfg.postgres_dsn))
         yield cfg
     finally:
-        devstack.down(cfg, ("redis", "postgres"))
+        devstack.down(cfg, ("redis", "postgres", "kafka"))
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +58,11 @@ def base_env(stack: devstack.StackConfig) -> dict[str, str]:
         MESH_RETRY_MAX_S="0.2",
         MESH_GRACE_S="10",
         MESH_LOG_LEVEL="INFO",
+        MESH_KAFKA_PARTITIONS="4",
+        MESH_KAFKA_REQUEST_TIMEOUT_MS="5000",
+        MESH_RELAY_POLL_INTERVAL_S="0.2",
+        MESH_RELAY_RETRY_MAX_S="1",
+        MESH_RELAY_REBALANCE_INTERVAL_S="1",
         PYTHONPATH=str(ROOT),
         PYTHONUNBUFFERED="1",
     )
@@ -74,21 +80,32 @@ async def redis(stack: devstack.StackConfig) -> AsyncIterator[Redis]:
 @pytest.fixture
 async def pg(stack: devstack.StackConfig) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(stack.postgres_dsn)
-    await conn.execute("TRUNCATE mesh_idempotency, mesh_actions, mesh_outbox RESTART IDENTITY")
+    await conn.execute(
+        "TRUNCATE mesh_idempotency, mesh_actions, mesh_outbox, mesh_audit_index, "
+        "mesh_relay_config RESTART IDENTITY"
+    )
     yield conn
     await conn.close()
 
 
-class AgentProcess:
-    """A real `mesh agent run` process, as an operator would start it."""
+@pytest.fixture
+def audit_env(base_env: dict[str, str]) -> dict[str, str]:
+    """base_env with an audit topic of the test's own, so tests never see each other's log."""
+    return {**base_env, "MESH_AUDIT_TOPIC": f"audit-{time.monotonic_ns()}"}
 
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path, **extra: str) -> None:
+
+class MeshProcess:
+    """A real `mesh …` process (an agent, a relay), as an operator would start it."""
+
+    def __init__(
+        self, argv: list[str], name: str, env: dict[str, str], log_dir: Path, **extra: str
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         full_env = {**env, **extra}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agentmesh", "agent", "run", name],
+            [sys.executable, "-m", "agentmesh", *argv],
             env=full_env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -120,6 +137,11 @@ class AgentProcess:
         self._log.close()
 
 
+class AgentProcess(MeshProcess):
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path, **extra: str) -> None:
+        super().__init__(["agent", "run", name], name, env, log_dir, **extra)
+
+
 @pytest.fixture
 def agents(base_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
@@ -146,3 +168,18 @@ async def eventually(
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: last={last!r}")
+
+
+@pytest.fixture
+def relays(audit_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., MeshProcess]]:
+    """Start `mesh relay run` processes on the test's audit topic."""
+    started: list[MeshProcess] = []
+
+    def start(**extra: str) -> MeshProcess:
+        p = MeshProcess(["relay", "run"], "relay", audit_env, tmp_path, **extra)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.close()

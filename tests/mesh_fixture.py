@@ -93,3 +93,13 @@ async def call_dep(msg: DepCall, ctx: Context) -> dict[str, int]:
     value = await ctx.call("flaky", _flaky_dependency, msg.n)
     ctx.emit("dep.done", DepCall(n=value))
     return {"n": value}
+
+
+@worker.projection("job.created")
+def _created(state: dict[str, object], job: Job, env: object) -> None:
+    state.update(n=job.n, status="created")
+
+
+@finisher.projection("job.final")
+def _final(state: dict[str, object], final: JobDone, env: object) -> None:
+    state.update(status="final")

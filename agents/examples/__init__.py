@@ -67,3 +67,19 @@ async def write(plan: PlanReady, ctx: Context) -> dict[str, object]:
     text = await ctx.call("llm", fake_llm, " then ".join(plan.steps))
     ctx.emit("draft.ready", DraftReady(goal=plan.goal, text=text, words=len(text.split())))
     return {"words": len(text.split())}
+
+
+# How each event changes the session's state, for `mesh replay SESSION --state`.
+@planner.projection("task.submitted")
+def _submitted(state: dict[str, object], task: TaskSubmitted, env: object) -> None:
+    state.update(goal=task.goal, audience=task.audience, status="submitted")
+
+
+@planner.projection("plan.ready")
+def _planned(state: dict[str, object], plan: PlanReady, env: object) -> None:
+    state.update(status="planned", steps=len(plan.steps))
+
+
+@writer.projection("draft.ready")
+def _drafted(state: dict[str, object], draft: DraftReady, env: object) -> None:
+    state.update(status="drafted", words=draft.words)

@@ -12,9 +12,9 @@ END $$;
 CREATE TRIGGER mesh_outbox_notify AFTER INSERT ON mesh_outbox
     FOR EACH STATEMENT EXECUTE FUNCTION mesh_outbox_notify();
 
--- Every relay must hash sessions into the same number of slots, or two relays could own one
--- session at once. The first relay records the count; a relay configured differently refuses
--- to start.
+-- Relays own Kafka partitions ("slots"): a session's rows go to partition
+-- session_hash % partitions. Every relay must count the same partitions, or two relays could
+-- own one session at once: the first relay records the count; one that sees another refuses.
 CREATE TABLE mesh_relay_config (
     id     boolean PRIMARY KEY DEFAULT true CHECK (id),
     slots  integer NOT NULL CHECK (slots > 0)
@@ -36,7 +36,9 @@ CREATE TABLE mesh_audit_index (
 CREATE INDEX mesh_outbox_published ON mesh_outbox (published_at) WHERE published_at IS NOT NULL;
 CREATE INDEX mesh_outbox_created ON mesh_outbox (created_at);
 
--- Kafka headers without parsing every envelope in the relay.
+-- Kafka headers without parsing every envelope in the relay, and the session's partition
+-- hash: murmur2(session_id) & 0x7fffffff, what Kafka's default partitioner computes for the key.
 ALTER TABLE mesh_outbox
     ADD COLUMN causation_id   text,
-    ADD COLUMN schema_version integer NOT NULL DEFAULT 1;
+    ADD COLUMN schema_version integer NOT NULL DEFAULT 1,
+    ADD COLUMN session_hash   integer NOT NULL;
