@@ -141,7 +141,9 @@ class RelayMetrics:
             "Age of the oldest unpublished outbox row",
             registry=r,
         )
-        self.slots_owned = Gauge("mesh_relay_slots_owned", "Partitions (slots) this relay owns", registry=r)
+        self.slots_owned = Gauge(
+            "mesh_relay_slots_owned", "Partitions (slots) this relay owns", registry=r
+        )
         self.relays = Gauge("mesh_relay_members", "Live relays seen by this one", registry=r)
         self.offset_regressions = Counter(
             "mesh_relay_offset_regressions",
@@ -237,7 +239,7 @@ class Relay:
             try:
                 await p.start()
             except Exception:
-                await p.stop()
+                await _stop_quietly(p)
                 raise
             self._producer = p
         if self.s.kafka_touch_partitions and self._probe is None:
@@ -245,7 +247,7 @@ class Relay:
             try:
                 await probe.start()
             except Exception:
-                await probe.stop()
+                await _stop_quietly(probe)
                 raise
             self._probe = probe
         if not self._partitions:
@@ -263,10 +265,7 @@ class Relay:
         probe, self._probe = self._probe, None
         for client in (p, probe):
             if client is not None:
-                try:
-                    await client.stop()
-                except Exception:  # a broken connection to a broker that is gone
-                    pass
+                await _stop_quietly(client)
 
     # -- slots --------------------------------------------------------------------------------
     async def rebalance(self) -> None:
@@ -554,6 +553,20 @@ class Relay:
         finally:
             stop.set()
             await task
+
+
+async def _stop_quietly(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+    """Stop a client whose broker may be gone. aiokafka can raise the broker error, or the
+    CancelledError of its own internal tasks, from stop(); neither may end the relay. A
+    cancellation of the relay itself still propagates."""
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception:
+        pass
 
 
 def _describe(exc: BaseException) -> str:

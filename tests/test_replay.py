@@ -175,12 +175,15 @@ async def test_republish_and_redrive_resend_and_readers_dedup(
     assert n == 2
     assert len(await stream_events(redis, "t:final")) == finals
 
-    # --since covers both sessions; nothing new to send
+    # --since covers both sessions: rp-2's job.done was lost with the stream too
     out = await asyncio.to_thread(
         mesh, audit_env, "outbox", "redrive", "--since", "2000-01-01T00:00:00Z"
     )
     assert out.returncode == 0, out.stderr
-    assert "redrove 0 of 6 handoffs" in out.stdout
+    assert "redrove 1 of 6 handoffs onto their streams (5 were still there)" in out.stdout
+    await eventually(lambda: _group_done(redis), what="finisher acked rp-2's job.done")
+    n = await pg.fetchval("SELECT count(*) FROM mesh_actions WHERE agent = 'finisher'")
+    assert n == 2 and len(await stream_events(redis, "t:final")) == finals
 
 
 async def _group_done(redis: Redis) -> bool:
