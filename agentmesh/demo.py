@@ -1,8 +1,9 @@
 """`mesh demo`: the main job a newcomer runs first.
 
-It brings up the local stack, starts the two example agents as separate processes, publishes
-a few tasks, waits for them to flow planner -> writer, and shows each session's handoffs as
-Postgres recorded them. Then it stops everything it started (unless `--keep`).
+It brings up the local stack, starts the two example agents and the outbox relay as separate
+processes, publishes a few tasks, waits for them to flow planner -> writer, shows each
+session's handoffs as Postgres recorded them, then replays one session from the Kafka audit
+log. Then it stops everything it started (unless `--keep`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from rich.table import Table
 import agents.examples  # noqa: F401  (registers the example agents' event types)
 from agentmesh import devstack
 from agentmesh.settings import Settings
-from bus import Outgoing, Streams
+from agentmesh.timeline import render
+from bus import Streams
 from outbox.migrate import migrate
+from outbox.publish import publish_events
+from outbox.replay import replay_session
 from schemas import registry
 
 GOALS = [
@@ -47,13 +51,12 @@ class DemoResult:
     elapsed_s: float
 
 
-class AgentProc:
-    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
-        self.name = name
+class MeshProc:
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agentmesh", "agent", "run", name],
+            [sys.executable, "-m", "agentmesh", *argv],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -82,19 +85,27 @@ def run_demo(
         **os.environ,
         "MESH_REDIS_URL": s.redis_url,
         "MESH_POSTGRES_DSN": s.postgres_dsn,
+        "MESH_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+        "MESH_AUDIT_TOPIC": s.audit_topic,
         "MESH_AGENTS_MODULE": "agents.examples",
         "MESH_HTTP_PORT": "0",
         "MESH_LOG_FORMAT": "json",
     }
     cfg.logs_dir.mkdir(parents=True, exist_ok=True)
-    procs = [AgentProc(n, env, cfg.logs_dir / f"agent-{n}.log") for n in ("planner", "writer")]
+    procs = [
+        MeshProc(["agent", "run", n], env, cfg.logs_dir / f"agent-{n}.log")
+        for n in ("planner", "writer")
+    ]
+    procs.append(MeshProc(["relay", "run"], env, cfg.logs_dir / "relay.log"))
     console.print(
-        "[green]✓[/] started agents planner and writer as separate processes "
-        f"(logs in {cfg.logs_dir})"
+        "[green]✓[/] started agents planner and writer and the outbox relay as separate "
+        f"processes (logs in {cfg.logs_dir})"
     )
     try:
         sessions, completed = asyncio.run(_publish_and_follow(s, tasks, console))
         asyncio.run(_show(s, sessions, console))
+        if completed:
+            asyncio.run(_replay_one(s, sessions[0], console))
     finally:
         for p in procs:
             p.stop()
@@ -117,12 +128,11 @@ async def _publish_and_follow(s: Settings, tasks: int, console: Console) -> tupl
                 "task.submitted",
                 {"goal": GOALS[i % len(GOALS)]},
                 session_id=f"demo-{stamp}-{i + 1}",
+                source="demo",
             )
             for i in range(tasks)
         ]
-        await bus.publish(
-            [Outgoing(registry.stream_of(e.type), e.event_id, e.to_wire()) for e in envs]
-        )
+        await publish_events(pool, bus, [(registry.stream_of(e.type), e) for e in envs])
         console.print(f"[green]✓[/] published {tasks} task.submitted events onto mesh:tasks")
         sessions = [e.session_id for e in envs]
         done = 0
@@ -182,6 +192,28 @@ async def _show(s: Settings, sessions: list[str], console: Console) -> None:
             _short(r["result"], 16),
         )
     console.print(table)
+
+
+async def _replay_one(s: Settings, session: str, console: Console) -> None:
+    """Wait for the relay to publish the session, then replay it from Kafka, not Postgres."""
+    conn = await asyncpg.connect(s.postgres_dsn)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            left = await conn.fetchval(
+                "SELECT count(*) FROM mesh_outbox WHERE session_id = $1 AND published_at IS NULL",
+                session,
+            )
+            if not left:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    rep = await replay_session(s, session)
+    console.print()
+    console.print("[bold]one session, replayed from the Kafka audit log[/] "
+                  f"(the same as `mesh replay {session}`):")  # fmt: skip
+    render(rep, console)
 
 
 def _short(value: Any, limit: int = 40) -> str:

@@ -39,6 +39,11 @@ def test_mesh_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path: Path) -> 
     assert "all 4 sessions went planner → writer" in r.stdout
     assert r.stdout.count("task.submitted → plan.ready") == 4
     assert r.stdout.count("plan.ready → draft.ready") == 4
+    # one session replayed from Kafka: the task, two actions and two handoffs
+    assert "replayed from the Kafka audit log" in r.stdout
+    assert ": 5 events from Kafka" in r.stdout
+    assert "handled task.submitted → emitted plan.ready" in r.stdout
+    assert "handled plan.ready → emitted draft.ready" in r.stdout
     assert _our_processes(tmp_path) == []
     status = subprocess.run(
         [sys.executable, "-m", "agentmesh", "dev", "status", "--json"],
