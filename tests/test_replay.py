@@ -141,6 +141,14 @@ async def test_republish_and_redrive_resend_and_readers_dedup(
     await run_chain(audit_env, redis, pg, ["rp-1", "rp-2"])
     before = await replay_session(s, "rp-1")
 
+    out = await asyncio.to_thread(mesh, audit_env, "relay", "status", "--json")
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["backlog_rows"] == 0 and status["slots"] == 4 and status["slots_owned"] == 4
+    assert len(status["relays"]) == 1
+    out = await asyncio.to_thread(mesh, audit_env, "replay", "no-such-session")
+    assert out.returncode == 1 and "no events for session 'no-such-session'" in out.stderr
+
     # republish one session: Kafka gets a second copy of each of its 5 events
     out = await asyncio.to_thread(
         mesh, audit_env, "outbox", "republish", "--session", "rp-1", "--json"
