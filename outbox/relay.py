@@ -368,10 +368,13 @@ class Relay:
         for tp in tps:
             probe.seek(tp, max(0, self._high.get(tp.partition, 0)))
         deadline = time.monotonic() + self.s.kafka_request_timeout_ms / 1000
-        while any(probe.highwater(tp) is None for tp in tps):
-            if time.monotonic() > deadline:
-                raise TimeoutError("no fetch answer from Kafka for the partition probe")
-            await probe.getmany(*tps, timeout_ms=100, max_records=1)
+        try:
+            while any(probe.highwater(tp) is None for tp in tps):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no fetch answer from Kafka for the partition probe")
+                await probe.getmany(*tps, timeout_ms=100, max_records=1)
+        finally:
+            probe.unsubscribe()  # no background fetching between rounds
 
     async def _send_partition(
         self, producer: AIOKafkaProducer, partition: int, rows: Sequence[Row]
