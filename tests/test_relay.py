@@ -292,3 +292,56 @@ async def test_prune_deletes_published_rows_past_retention_only(
         await relay.close()
     index = await pg.fetchval("SELECT records FROM mesh_audit_index WHERE session_id = 'old'")
     assert index == 5  # the offset index outlives the pruned rows
+
+
+async def test_topic_is_created_with_configured_partitions_and_retention(
+    pg: asyncpg.Connection, audit_env: dict[str, str]
+) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    s = settings_from(audit_env, kafka_partitions=3, kafka_retention_ms=-1)
+    relay = Relay(s)
+    await relay.start()
+    try:
+        await relay.prepare()
+        assert relay.slots == 3
+    finally:
+        await relay.close()
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        (topic,) = await admin.describe_topics([s.audit_topic])
+        assert len(topic["partitions"]) == 3
+        (resp,) = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, s.audit_topic)]
+        )
+        entries = {e[0]: e[1] for e in resp.resources[0][4]}
+        assert entries["retention.ms"] == "-1"
+    finally:
+        await admin.close()
+
+
+async def test_notify_wakes_the_relay_long_before_its_poll_interval(
+    pg: asyncpg.Connection, audit_env: dict[str, str]
+) -> None:
+    s = settings_from(audit_env, relay_poll_interval_s=60)
+    relay = Relay(s)
+    await relay.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await eventually(lambda: _owns_all(relay), what="relay owns its partitions")
+        await asyncio.sleep(0.5)  # idle now, waiting up to 60 s for a NOTIFY
+        started = time.monotonic()
+        await insert(pg, [event("wake", 0)])
+        await eventually(lambda: _empty(pg), timeout=10, what="published after NOTIFY")
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        await task
+        await relay.close()
+
+
+async def _owns_all(relay: Relay) -> bool:
+    return relay.slots > 0 and len(relay.owned) == relay.slots
