@@ -372,7 +372,7 @@ class Relay:
             while any(probe.highwater(tp) is None for tp in tps):
                 if time.monotonic() > deadline:
                     raise TimeoutError("no fetch answer from Kafka for the partition probe")
-                await probe.getmany(*tps, timeout_ms=100, max_records=1)
+                await probe.getmany(*tps, timeout_ms=5, max_records=1)
         finally:
             probe.unsubscribe()  # no background fetching between rounds
 

@@ -345,3 +345,34 @@ async def test_notify_wakes_the_relay_long_before_its_poll_interval(
 
 async def _owns_all(relay: Relay) -> bool:
     return relay.slots > 0 and len(relay.owned) == relay.slots
+
+
+async def test_postgres_killed_under_the_relay_it_recovers_without_loss_or_reordering(
+    stack: devstack.StackConfig, audit_env: dict[str, str], relays: StartRelay
+) -> None:
+    s = settings_from(audit_env)
+    pg = await asyncpg.connect(stack.postgres_dsn)
+    await pg.execute("TRUNCATE mesh_outbox, mesh_audit_index, mesh_relay_config RESTART IDENTITY")
+    await insert(pg, [event(f"pg-{i % 10}", i // 10) for i in range(3000)])
+    relay = relays(MESH_RELAY_BATCH_SIZE="100")
+    await eventually(lambda: _published_over(pg, 200), what="relay publishing")
+    await pg.close()
+    devstack.kill9(stack, "postgres")  # mid-publishing: marks and the lock connection die
+    await asyncio.sleep(1)
+    await asyncio.to_thread(devstack.up, stack, ("postgres",))
+    pg = await asyncpg.connect(stack.postgres_dsn)
+    try:
+        await insert(pg, [event(f"pg-{i % 10}", 300 + i // 10) for i in range(1000)])
+        await eventually(lambda: _empty(pg), timeout=60, what="drained after the restart")
+        assert relay.alive()
+        assert "postgres unavailable" in relay.log()
+        records = await read_topic(s)
+        assert len({dict(r.headers)["event_id"] for r in records}) == 4000
+        assert_in_order(first_copies(records), {f"pg-{i}": 400 for i in range(10)})
+    finally:
+        await pg.close()
+
+
+async def _published_over(pg: asyncpg.Connection, n: int) -> bool:
+    published = await pg.fetchval("SELECT count(*) FROM mesh_outbox WHERE published_at IS NOT NULL")
+    return int(published) > n
