@@ -43,9 +43,11 @@ def _cut(text: str, limit: int) -> str:
 
 
 def render(rep: Replay, console: Console) -> None:
-    where = ", ".join(
-        f"{rep.topic}[{p}] offsets {a}..{b if b >= 0 else 'end'}" for p, a, b in rep.spans
-    )
+    ranges = [f"{a}..{b if b >= 0 else 'end'}" for _, a, b in rep.spans]
+    parts = sorted({p for p, _, _ in rep.spans})
+    more = f" and {len(ranges) - 3} more ranges" if len(ranges) > 3 else ""
+    shown = ", ".join(ranges[:3]) + more
+    where = f"{rep.topic}[{', '.join(map(str, parts))}] offsets {shown}"
     how = "seeked with the relay's offset index" if rep.used_index else "scanned the partition"
     console.print(
         f"[bold]session {rep.session_id}[/]: {len(rep.events)} events from Kafka "

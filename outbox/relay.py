@@ -57,6 +57,10 @@ ORDER BY id
 LIMIT $3
 """
 
+#: A session's next records extend its last index range when they start at most this many
+#: records after its end; otherwise they open a new range (replay seeks to each range).
+INDEX_GAP = 500
+
 _MARK_SQL = """
 WITH marked AS (
     UPDATE mesh_outbox o
@@ -64,13 +68,44 @@ WITH marked AS (
     FROM unnest($2::bigint[], $3::int[], $4::bigint[]) AS u(id, p, off)
     WHERE o.id = u.id
     RETURNING o.session_id, u.p, u.off
+),
+runs AS (  -- split a session's offsets into runs wherever a gap is wider than $5
+    SELECT session_id, p, off,
+           count(*) FILTER (WHERE gap > $5) OVER (PARTITION BY session_id, p ORDER BY off)
+               AS run
+    FROM (SELECT session_id, p, off,
+                 off - lag(off) OVER (PARTITION BY session_id, p ORDER BY off) AS gap
+          FROM marked) g
+),
+agg AS (
+    SELECT session_id, p, run, min(off) AS lo, max(off) AS hi, count(*) AS n
+    FROM runs GROUP BY session_id, p, run
+),
+latest AS (
+    SELECT DISTINCT ON (ix.session_id, ix.kafka_partition)
+           ix.session_id, ix.kafka_partition, ix.first_offset, ix.last_offset
+    FROM mesh_audit_index ix
+    JOIN agg a ON ix.topic = $1 AND ix.session_id = a.session_id AND ix.kafka_partition = a.p
+                AND a.run = 0
+    ORDER BY ix.session_id, ix.kafka_partition, ix.first_offset DESC
+),
+extended AS (
+    UPDATE mesh_audit_index ix
+    SET last_offset = GREATEST(ix.last_offset, a.hi), records = ix.records + a.n,
+        updated_at = now()
+    FROM agg a JOIN latest l ON l.session_id = a.session_id AND l.kafka_partition = a.p
+    WHERE a.run = 0 AND ix.topic = $1 AND ix.session_id = a.session_id
+      AND ix.kafka_partition = a.p AND ix.first_offset = l.first_offset AND a.lo >= l.first_offset
+      AND a.lo - l.last_offset <= $5
+    RETURNING ix.session_id, ix.kafka_partition
 )
 INSERT INTO mesh_audit_index AS ix (topic, session_id, kafka_partition, first_offset,
                                     last_offset, records)
-SELECT $1, session_id, p, min(off), max(off), count(*) FROM marked GROUP BY session_id, p
-ON CONFLICT (topic, session_id, kafka_partition) DO UPDATE
-SET first_offset = LEAST(ix.first_offset, EXCLUDED.first_offset),
-    last_offset = GREATEST(ix.last_offset, EXCLUDED.last_offset),
+SELECT $1, a.session_id, a.p, a.lo, a.hi, a.n FROM agg a
+WHERE a.run > 0 OR NOT EXISTS (
+    SELECT 1 FROM extended e WHERE e.session_id = a.session_id AND e.kafka_partition = a.p)
+ON CONFLICT (topic, session_id, kafka_partition, first_offset) DO UPDATE
+SET last_offset = GREATEST(ix.last_offset, EXCLUDED.last_offset),
     records = ix.records + EXCLUDED.records,
     updated_at = now()
 """
@@ -351,7 +386,7 @@ class Relay:
         if ids:
             assert self.pool is not None
             faults.point("relay_after_ack")
-            await self.pool.execute(_MARK_SQL, self.s.audit_topic, ids, parts, offsets)
+            await self.pool.execute(_MARK_SQL, self.s.audit_topic, ids, parts, offsets, INDEX_GAP)
         res.published = len(ids)
         self.metrics.published.inc(len(ids))
         self.metrics.round_seconds.observe(time.perf_counter() - started)

@@ -1,10 +1,10 @@
 """Replay one session from the Kafka audit log: its events, once each, in order.
 
 Kafka is the source; Postgres is only an index. When the relay recorded where the session's
-records are (`mesh_audit_index`), replay reads just that span of one partition, so its cost
-follows the session's size. Without the index (Postgres gone, rows pruned before the index
-existed, or `use_index=False`) it scans the session's partition: key = session id, so the
-partition is known, but every record in it is read.
+records are (`mesh_audit_index`: offset ranges with small gaps), replay seeks to each range
+of the session's partition in turn, so its cost follows the session's size. Without the
+index (Postgres gone, or `use_index=False`) it scans the session's partition: key = session
+id, so the partition is known, but every record in it is read.
 
 Duplicates (a relay re-sent rows after a crash, or an operator republished them) carry the
 same event id; the first copy is kept, which is also the earliest position in the log.
@@ -121,7 +121,7 @@ async def session_index(
     try:
         rows = await conn.fetch(
             """SELECT kafka_partition, first_offset, last_offset FROM mesh_audit_index
-               WHERE topic = $1 AND session_id = $2 ORDER BY kafka_partition""",
+               WHERE topic = $1 AND session_id = $2 ORDER BY kafka_partition, first_offset""",
             s.audit_topic,
             session_id,
         )
@@ -187,7 +187,7 @@ async def replay_session(
                 found.append(ReplayedEvent(env, p, rec.offset))
     finally:
         await consumer.stop()
-    if len(rep.spans) > 1:  # the topic's partition count changed while the session ran
+    if len({p for p, _, _ in rep.spans}) > 1:  # the partition count changed meanwhile
         found.sort(key=lambda e: (e.envelope.created_at, e.partition, e.offset))
     if until is not None:
         found, cut = until.cut(found)

@@ -210,3 +210,44 @@ async def test_replay_cli_errors_are_one_line_with_meaningful_exit_codes(
     assert out.returncode == 3 and "Kafka" in out.stderr and "Traceback" not in out.stderr
     out = await asyncio.to_thread(mesh, audit_env, "outbox", "redrive")
     assert out.returncode == 2 and "exactly one of --session or --since" in out.stderr
+
+
+async def test_replay_of_a_long_lived_session_reads_its_ranges_not_its_partition(
+    pg: asyncpg.Connection, audit_env: dict[str, str]
+) -> None:
+    """A session whose events are far apart in its partition: the index keeps one range per
+    cluster, so replay reads the session's records, not the thousands in between."""
+    from outbox.kafka import session_hash
+    from outbox.relay import Relay
+    from tests.audit_helpers import event, insert
+
+    s = settings_from(audit_env)
+    target = session_hash("long") % 4
+    fillers = [f"f-{i}" for i in range(200) if session_hash(f"f-{i}") % 4 == target][:5]
+    rows = []
+    for k in range(6):
+        rows.append(event("long", k))
+        rows += [event(fillers[j % len(fillers)], k * 1000 + j) for j in range(700)]
+    await insert(pg, rows)
+    relay = Relay(s)
+    await relay.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await eventually(lambda: _drained(pg), timeout=60, what="published")
+    finally:
+        stop.set()
+        await task
+        await relay.close()
+    ranges = await pg.fetch(
+        "SELECT first_offset, last_offset FROM mesh_audit_index WHERE session_id = 'long'"
+    )
+    assert len(ranges) == 6 and all(r["first_offset"] == r["last_offset"] for r in ranges)
+    rep = await replay_session(s, "long")
+    assert [e.envelope.payload["n"] for e in rep.events] == list(range(6))
+    assert rep.records_read < 50  # the 4,200 records around them are not read
+    scanned = await replay_session(s, "long", use_index=False)
+    assert [e.envelope.event_id for e in scanned.events] == [
+        e.envelope.event_id for e in rep.events
+    ]
+    assert scanned.records_read >= 4200

@@ -20,8 +20,10 @@ CREATE TABLE mesh_relay_config (
     slots  integer NOT NULL CHECK (slots > 0)
 );
 
--- Where each session's events sit in Kafka. Kept after outbox rows are pruned: one row per
--- (topic, session, partition), so replay cost follows the session, not the topic.
+-- Where each session's events sit in Kafka, as offset ranges. Kept after outbox rows are
+-- pruned. A range grows while the session's next records come within a few hundred records of
+-- its end, else a new range starts, so replay reads the session's records plus small gaps:
+-- its cost follows the session, not the topic, even for a session that lives for months.
 CREATE TABLE mesh_audit_index (
     topic         text        NOT NULL,
     session_id    text        NOT NULL,
@@ -30,7 +32,7 @@ CREATE TABLE mesh_audit_index (
     last_offset   bigint      NOT NULL,
     records       bigint      NOT NULL,  -- copies published, re-sends included
     updated_at    timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (topic, session_id, kafka_partition)
+    PRIMARY KEY (topic, session_id, kafka_partition, first_offset)
 );
 
 CREATE INDEX mesh_outbox_published ON mesh_outbox (published_at) WHERE published_at IS NOT NULL;
