@@ -947,14 +947,24 @@ def interpret(
         out.append(text)
     lx, ls = (_replay(replay_results, big, TARGET_LONG, i) for i in (True, False))
     if lx and ls:
-        out.append(
-            f"- **The index's limit.** `mesh_audit_index` keeps one first..last offset range "
-            f"per session and partition. `{TARGET_LONG}`, whose events span the whole "
-            f"topic, still reads {lx.records_read:,} records with it ({_med(lx):.2f}s) "
-            f"against {ls.records_read:,} without ({_med(ls):.2f}s): the index skips only "
-            f"{1 - lx.records_read / max(1, ls.records_read):.0%} of the partition, so for a "
-            "long-lived session replay cost follows the partition, not the session."
-        )
+        if lx.records_read < 0.2 * ls.records_read:
+            out.append(
+                f"- **A long-lived session.** `mesh_audit_index` keeps offset ranges split "
+                f"wherever a session's next record is more than 500 records away, so "
+                f"`{TARGET_LONG}`, whose events span the whole topic, reads "
+                f"{lx.records_read:,} records with the index ({_med(lx):.2f}s) against "
+                f"{ls.records_read:,} without ({_med(ls):.2f}s). The records read follow the "
+                "session, but on Tansu the time does not: every seek into the middle of a "
+                "partition costs 0.2-1.4 s there (it grows with the partition's stored "
+                "batches), so 20 ranges cost about as much as the scan. On Apache Kafka a seek "
+                "is an offset-index lookup and this replay reads 100 records."
+            )
+        else:
+            out.append(
+                f"- **The index's limit.** `{TARGET_LONG}`, whose events span the whole topic, "
+                f"still reads {lx.records_read:,} records with the index ({_med(lx):.2f}s) "
+                f"against {ls.records_read:,} without ({_med(ls):.2f}s)."
+            )
     scans = [r for r in replay_results if r.mode.startswith("scan") and r.records_read > 10_000]
     if scans:
         rates = [r.records_read / min(r.runs) for r in scans] + [
@@ -1065,8 +1075,9 @@ def render_section(
         + "`target-long` (big topic only) has them spread evenly from the first record to the "
         "last, a session that lived as long as the topic. `seconds` is "
         "`replay_session(...).elapsed_s` (index look-up, consumer start, reads, envelope "
-        f"parsing), {args.repeat_replay} runs each. Index mode reads the span first..last "
-        "offset of the session in its partition; scan mode reads the whole partition.",
+        f"parsing), {args.repeat_replay} runs each. Index mode seeks to each offset range the "
+        "relay recorded for the session (ranges split at gaps over 500 records); scan mode "
+        "reads the whole partition.",
         "",
         "### What the figures say",
         "",
