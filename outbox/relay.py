@@ -53,6 +53,7 @@ SELECT id, event_id::text AS event_id, session_id, type, envelope, agent, causat
        schema_version, session_hash
 FROM mesh_outbox
 WHERE published_at IS NULL AND session_hash % $1 = ANY($2::int[])
+  AND NOT (id = ANY($4::bigint[]))  -- acked rows whose mark is still being written
 ORDER BY id
 LIMIT $3
 """
@@ -222,6 +223,8 @@ class Relay:
         self._partitions: list[int] = []
         self._high: dict[int, int] = {}  # partition -> highest offset acked to this relay
         self._wake = asyncio.Event()
+        self._marking: asyncio.Task[None] | None = None  # the previous round's mark
+        self._marking_ids: list[int] = []
         self.slots = 0  # the topic's partition count, once Kafka told it
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -234,6 +237,10 @@ class Relay:
         await self._ensure_producer()
 
     async def close(self) -> None:
+        try:
+            await self.settle()
+        except Exception as exc:  # Postgres gone: those rows stay unpublished, sent again
+            log.warning("relay: the last mark failed; its rows will be sent again", error=str(exc))
         await self._reset_producer()
         if self._lock_conn is not None and not self._lock_conn.is_closed():
             await self._lock_conn.close()  # releases every slot at once
@@ -353,15 +360,20 @@ class Relay:
         if not self.owned:
             return []
         recs = await self.pool.fetch(
-            _FETCH_SQL, self.slots, sorted(self.owned), self.s.relay_batch_size
+            _FETCH_SQL, self.slots, sorted(self.owned), self.s.relay_batch_size, self._marking_ids
         )
         return [Row(**dict(r)) for r in recs]
 
-    async def round(self) -> RoundResult:
-        """Read the owned slots' oldest unpublished rows, send them, mark the acked ones."""
+    async def round(self, *, pipelined: bool = False) -> RoundResult:
+        """Read the owned slots' oldest unpublished rows, send them, mark the acked ones.
+
+        `pipelined`: leave the mark running while the next round reads and sends (the next
+        round skips these rows, and waits for this mark before it starts its own). Only after
+        a round in which every batch was acked: after a failure nothing may overtake."""
         rows = await self.fetch()
         res = RoundResult()
         if not rows:
+            await self.settle()
             return res
         started = time.perf_counter()
         producer = await self._ensure_producer()
@@ -383,14 +395,31 @@ class Relay:
                 offsets.append(off)
             if error is not None:
                 res.failed_partitions[p] = error
+        await self.settle()  # marks stay in order: the previous round's first
         if ids:
-            assert self.pool is not None
             faults.point("relay_after_ack")
-            await self.pool.execute(_MARK_SQL, self.s.audit_topic, ids, parts, offsets, INDEX_GAP)
+            if pipelined and not res.failed_partitions:
+                self._marking = asyncio.create_task(self._mark(ids, parts, offsets))
+                self._marking_ids = ids
+            else:
+                await self._mark(ids, parts, offsets)
         res.published = len(ids)
-        self.metrics.published.inc(len(ids))
         self.metrics.round_seconds.observe(time.perf_counter() - started)
         return res
+
+    async def _mark(self, ids: list[int], parts: list[int], offsets: list[int]) -> None:
+        assert self.pool is not None
+        await self.pool.execute(_MARK_SQL, self.s.audit_topic, ids, parts, offsets, INDEX_GAP)
+        self.metrics.published.inc(len(ids))
+
+    async def settle(self) -> None:
+        """Wait for the pipelined mark, if one is running (raises what it raised)."""
+        task, self._marking = self._marking, None
+        if task is not None:
+            try:
+                await task
+            finally:
+                self._marking_ids = []
 
     async def _touch(self, probe: AIOKafkaConsumer, partitions: list[int]) -> None:
         """Fetch from each partition before producing to it (Settings.kafka_touch_partitions).
@@ -520,13 +549,14 @@ class Relay:
             now = time.monotonic()
             try:
                 if now >= next_rebalance:
+                    await self.settle()  # partitions are given back only fully marked
                     await self.rebalance()
                     fast = self.share_missing()
                     next_rebalance = now + (0.5 if fast else self.s.relay_rebalance_interval_s)
                 self._wake.clear()
                 if self.owned:
                     await self._ensure_producer()
-                res = await self.round()
+                res = await self.round(pipelined=True)
             except SlotConfigMismatch:
                 raise
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -563,7 +593,16 @@ class Relay:
             backoff = 0.0
             if res.published >= self.s.relay_batch_size:
                 continue  # a full batch: more is probably waiting
+            try:
+                await self.settle()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("relay: postgres unavailable", error=str(exc))
+                continue
             await self._idle(stop)
+        try:
+            await self.settle()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("relay: the last mark failed; its rows will be sent again", error=str(exc))
 
     def _next_backoff(self, current: float) -> float:
         return min(self.s.relay_retry_max_s, max(0.2, current * 2))
