@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import asyncpg
@@ -10,6 +12,22 @@ from redis.asyncio import Redis
 import tests.mesh_fixture  # noqa: F401  (registers the test event types)
 from bus import Outgoing, Streams
 from schemas import Envelope, registry
+from tests.conftest import ROOT
+
+
+def mesh(
+    env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run `mesh ARGS…` as an operator would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "agentmesh", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+    )
 
 
 def job(n: int, *, session: str = "s-1", **payload: Any) -> Envelope:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -13,22 +11,8 @@ import asyncpg
 from redis.asyncio import Redis
 
 from agentmesh import devstack
-from tests.conftest import ROOT, AgentProcess, eventually
-from tests.helpers import actions, job, publish
-
-
-def mesh(
-    env: dict[str, str], *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agentmesh", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        input=stdin,
-    )
+from tests.conftest import AgentProcess, eventually
+from tests.helpers import actions, job, mesh, publish
 
 
 def test_publish_rejects_bad_input_with_one_line_and_exit_2(base_env: dict[str, str]) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -15,22 +13,11 @@ from redis.asyncio import Redis
 from agentmesh import devstack
 from outbox.replay import Until, replay_session
 from tests.audit_helpers import backlog, read_topic, settings_from
-from tests.conftest import ROOT, AgentProcess, MeshProcess, eventually
-from tests.helpers import stream_events
+from tests.conftest import AgentProcess, MeshProcess, eventually
+from tests.helpers import mesh, stream_events
 
 Start = Callable[..., AgentProcess]
 StartRelay = Callable[..., MeshProcess]
-
-
-def mesh(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agentmesh", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def run_chain(
