@@ -113,27 +113,33 @@ class ConsumerLoop:
 
     # -- the two halves -----------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        """The reader and the committer, side by side. If the committer fails, the reader
+        stops at its next turn (a blocking XREADGROUP returns within `block_ms`) rather than
+        being cancelled: a cancel delivered into redis-py's read of a connection whose server
+        just died was seen to leave the task stuck, cancelling, forever."""
+        commit = asyncio.create_task(self._commit_loop(stop))
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._commit_loop(stop))
-                await self._read_loop(stop)
-        except BaseExceptionGroup as group:  # surface the first real error to the guard
-            raise group.exceptions[0] from None
+            await self._read_loop(stop, commit)
+            await commit  # raises the committer's error, if that is what ended the reader
         finally:
+            if not commit.done():
+                commit.cancel()
+                await asyncio.gather(commit, return_exceptions=True)
             for t in self.tasks:
                 t.cancel()
             self._reset()
 
-    async def _read_loop(self, stop: asyncio.Event) -> None:
+    async def _read_loop(self, stop: asyncio.Event, commit: asyncio.Task[None]) -> None:
         s = self.runner.settings
         claim_every = max(s.claim_idle_ms / 2000, 0.2)
         next_claim = 0.0
-        while not stop.is_set():
+        while not stop.is_set() and not commit.done():
             free = s.concurrency - len(self.inflight)
             if free <= 0:
                 self.slot_freed.clear()
                 try:
-                    await asyncio.wait_for(self.slot_freed.wait(), timeout=0.5)
+                    async with asyncio.timeout(0.5):
+                        await self.slot_freed.wait()
                 except TimeoutError:
                     pass
                 continue
@@ -152,7 +158,11 @@ class ConsumerLoop:
         batch_size = self.runner.settings.batch_size
         while not (stop.is_set() and not self.inflight):
             try:
-                first = await asyncio.wait_for(self.done.get(), timeout=0.25)
+                # asyncio.timeout, not wait_for: on Python 3.11, wait_for(queue.get()) can take
+                # an item off the queue and drop it when its timeout races the get, and a
+                # dropped result is an entry that never commits (kept claimed forever).
+                async with asyncio.timeout(0.25):
+                    first = await self.done.get()
             except TimeoutError:
                 continue
             group = [first]

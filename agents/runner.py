@@ -70,7 +70,14 @@ class Runner:
         s = self.settings
         if not self.agent.handlers:
             raise ValueError(f"agent {self.agent.name!r} has no handlers")
-        self.redis = Redis.from_url(s.redis_url, decode_responses=False)
+        # A socket timeout above the XREADGROUP block time: a command sent on a connection that
+        # died with its server (kill -9, a network cut) fails instead of waiting forever.
+        self.redis = Redis.from_url(
+            s.redis_url,
+            decode_responses=False,
+            socket_timeout=s.block_ms / 1000 + 10,
+            socket_connect_timeout=5,
+        )
         self.pool = await asyncpg.create_pool(s.postgres_dsn, min_size=1, max_size=s.pg_pool_size)
         self.loops = [ConsumerLoop(self, n) for n in self.consumer_names]
         for stream in self.agent.streams:
@@ -134,6 +141,7 @@ class Runner:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
         await self.stop_event.wait()
         log.info("stopping: finishing in-flight work", grace_s=self.settings.grace_s)
         await self.stop()
@@ -156,7 +164,8 @@ class Runner:
                     await streams.prune_consumers(stream, idle_ms=s.consumer_idle_prune_ms)
             self._ready = True
             try:
-                await asyncio.wait_for(stop.wait(), timeout=min(2.0, s.trim_interval_s))
+                async with asyncio.timeout(min(2.0, s.trim_interval_s)):
+                    await stop.wait()
             except TimeoutError:
                 pass
 
@@ -173,3 +182,16 @@ class Runner:
             return False, f"dependency unreachable: {type(exc).__name__}"
         paused, _ = self.paused_streams()
         return True, "ready" + (f" (paused: {', '.join(sorted(paused))})" if paused else "")
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: log where every asyncio task waits (a stuck agent, explained)."""
+    for task in asyncio.all_tasks():
+        frames: list[str] = []
+        coro: Any = task.get_coro()
+        while coro is not None and len(frames) < 30:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:
+                frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        log.warning("task", name=task.get_name(), cancelling=task.cancelling(), at=frames)

@@ -129,6 +129,11 @@ class SlotConfigMismatch(RuntimeError):
     pass
 
 
+class KafkaUnavailable(RuntimeError):
+    """Kafka did not answer. (Not an OSError, unlike TimeoutError: that would be taken for a
+    Postgres outage, and the Kafka clients would not be rebuilt.)"""
+
+
 @dataclass(frozen=True)
 class Row:
     id: int
@@ -274,6 +279,12 @@ class Relay:
         self.owned.clear()
 
     async def _ensure_producer(self) -> AIOKafkaProducer:
+        try:
+            return await self._connect_kafka()
+        except OSError as exc:  # asyncio timeouts and socket errors from the Kafka clients
+            raise KafkaUnavailable(_describe(exc)) from exc
+
+    async def _connect_kafka(self) -> AIOKafkaProducer:
         if self._producer is None:
             if self.s.kafka_create_topics:
                 await kafka.ensure_topic(self.s)
@@ -427,6 +438,12 @@ class Relay:
         Tansu restarts a partition at offset 0, overwriting acked records, when it is produced
         to before anything fetched from it since the broker started; a fetch makes it load its
         high watermark. ListOffsets does not. On Apache Kafka this is one cheap fetch."""
+        try:
+            await self._fetch_once(probe, partitions)
+        except OSError as exc:
+            raise KafkaUnavailable(_describe(exc)) from exc
+
+    async def _fetch_once(self, probe: AIOKafkaConsumer, partitions: list[int]) -> None:
         tps = [TopicPartition(self.s.audit_topic, p) for p in partitions]
         probe.assign(tps)
         for tp in tps:
@@ -435,7 +452,7 @@ class Relay:
         try:
             while any(probe.highwater(tp) is None for tp in tps):
                 if time.monotonic() > deadline:
-                    raise TimeoutError("no fetch answer from Kafka for the partition probe")
+                    raise KafkaUnavailable("no fetch answer from Kafka for the partition probe")
                 await probe.getmany(*tps, timeout_ms=5, max_records=1)
         finally:
             probe.unsubscribe()  # no background fetching between rounds
@@ -652,7 +669,8 @@ def _describe(exc: BaseException) -> str:
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     try:
-        await asyncio.wait_for(stop.wait(), seconds)
+        async with asyncio.timeout(seconds):  # not wait_for: it can swallow a cancel on 3.11
+            await stop.wait()
     except TimeoutError:
         pass
 

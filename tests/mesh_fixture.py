@@ -44,7 +44,11 @@ def redis() -> Redis:
     if _redis is None:
         # a blocking pool: 200 handlers at once wait for a connection instead of failing
         pool = BlockingConnectionPool.from_url(
-            os.environ["MESH_REDIS_URL"], max_connections=50, timeout=5
+            os.environ["MESH_REDIS_URL"],
+            max_connections=50,
+            timeout=5,
+            socket_timeout=5,  # a reply lost with a killed server fails the call, not hangs it
+            socket_connect_timeout=5,
         )
         _redis = Redis(connection_pool=pool)
     return _redis
