@@ -126,6 +126,27 @@ def first_copies(records: list[ConsumerRecord[bytes, bytes]]) -> dict[str, list[
     return out
 
 
+async def drain_outbox(s: Settings, pg: asyncpg.Connection, timeout: float = 60) -> None:
+    """An in-process relay publishes until no outbox row is unpublished, then closes."""
+    from outbox.relay import Relay
+    from tests.conftest import eventually
+
+    relay = Relay(s)
+    await relay.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await eventually(lambda: _no_backlog(pg), timeout=timeout, what="outbox drained")
+    finally:
+        stop.set()
+        await task
+        await relay.close()
+
+
+async def _no_backlog(pg: asyncpg.Connection) -> bool:
+    return await backlog(pg) == 0
+
+
 async def backlog(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM mesh_outbox WHERE published_at IS NULL"))
 

@@ -19,6 +19,7 @@ from outbox.relay import Relay
 from tests.audit_helpers import (
     LoadGen,
     backlog,
+    drain_outbox,
     event,
     first_copies,
     insert,
@@ -59,12 +60,7 @@ async def test_relay_publishes_rows_with_key_headers_and_recorded_offsets(
     s = settings_from(audit_env)
     envs = [event(f"s-{i % 5}", i // 5) for i in range(50)]
     await insert(pg, envs)
-    relay = Relay(s)
-    await relay.start()
-    try:
-        await run_relay_until_empty(relay, pg)
-    finally:
-        await relay.close()
+    await drain_outbox(s, pg)
 
     records = await read_topic(s)
     assert len(records) == 50  # no crash: every row exactly once
@@ -386,12 +382,7 @@ async def test_a_large_backlog_drains_exactly_once_with_pipelined_marks(
     round must not pick up the rows still being marked."""
     s = settings_from(audit_env, relay_batch_size=500)
     await insert(pg, [event(f"big-{i % 40}", i // 40) for i in range(8000)])
-    relay = Relay(s)
-    await relay.start()
-    try:
-        await run_relay_until_empty(relay, pg)
-    finally:
-        await relay.close()
+    await drain_outbox(s, pg)
     records = await read_topic(s)
     assert len(records) == 8000  # nothing sent twice
     assert_in_order(first_copies(records), {f"big-{i}": 200 for i in range(40)})

@@ -205,8 +205,7 @@ async def test_replay_of_a_long_lived_session_reads_its_ranges_not_its_partition
     """A session whose events are far apart in its partition: the index keeps one range per
     cluster, so replay reads the session's records, not the thousands in between."""
     from outbox.kafka import session_hash
-    from outbox.relay import Relay
-    from tests.audit_helpers import event, insert
+    from tests.audit_helpers import drain_outbox, event, insert
 
     s = settings_from(audit_env)
     target = session_hash("long") % 4
@@ -216,16 +215,7 @@ async def test_replay_of_a_long_lived_session_reads_its_ranges_not_its_partition
         rows.append(event("long", k))
         rows += [event(fillers[j % len(fillers)], k * 1000 + j) for j in range(700)]
     await insert(pg, rows)
-    relay = Relay(s)
-    await relay.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(relay.run(stop))
-    try:
-        await eventually(lambda: _drained(pg), timeout=60, what="published")
-    finally:
-        stop.set()
-        await task
-        await relay.close()
+    await drain_outbox(s, pg)
     ranges = await pg.fetch(
         "SELECT first_offset, last_offset FROM mesh_audit_index WHERE session_id = 'long'"
     )
