@@ -38,6 +38,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if rep.failed and rep.when in ("setup", "call"):
         for p in _started:
             rep.sections.append((f"log of {p.name} (pid {p.proc.pid})", p.log()[-LOG_TAIL:]))
+        stack = getattr(item, "funcargs", {}).get("stack")
+        if isinstance(stack, devstack.StackConfig):  # the test restarted a server: its side
+            for name in ("kafka", "redis", "postgres"):
+                log = stack.logs_dir / f"{name}.log"
+                if log.is_file():
+                    text = log.read_text(errors="replace")[-LOG_TAIL // 3 :]
+                    rep.sections.append((f"server log {name}", text))
 
 
 @pytest.fixture(autouse=True)
