@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
+from _procs import MeshProcs  # noqa: E402
 from aiokafka import AIOKafkaProducer, TopicPartition  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
@@ -488,53 +489,21 @@ class RoundTimer:
         )
 
 
-class RelayProcs:
-    """`python -m agentmesh relay run` processes; always stopped on the way out."""
-
-    def __init__(self, s: Settings, n: int, log_dir: Path, no_toml: Path) -> None:
-        env = dict(os.environ)
-        env.update(
-            MESH_CONFIG=str(no_toml),
-            MESH_POSTGRES_DSN=s.postgres_dsn,
-            MESH_KAFKA_BOOTSTRAP=s.kafka_bootstrap,
-            MESH_AUDIT_TOPIC=s.audit_topic,
-            MESH_KAFKA_PARTITIONS=str(s.kafka_partitions),
-            MESH_RELAY_BATCH_SIZE=str(s.relay_batch_size),
-            MESH_HTTP_PORT="0",
-            MESH_LOG_LEVEL="WARNING",
-            PYTHONPATH=str(ROOT),
-        )
-        self.logs = [log_dir / f"relay-{i}.log" for i in range(n)]
-        self.procs: list[subprocess.Popen[bytes]] = []
-        for path in self.logs:
-            with path.open("wb") as log:
-                self.procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "agentmesh", "relay", "run"],
-                        env=env,
-                        cwd=log_dir,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                    )
-                )
-
-    def check_alive(self) -> None:
-        for p, path in zip(self.procs, self.logs, strict=True):
-            if p.poll() is not None:
-                tail = path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"relay process exited with {p.returncode}:\n{tail}")
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
+def relay_procs(s: Settings, n: int, log_dir: Path, no_toml: Path) -> MeshProcs:
+    """`python -m agentmesh relay run` processes."""
+    env = dict(os.environ)
+    env.update(
+        MESH_CONFIG=str(no_toml),
+        MESH_POSTGRES_DSN=s.postgres_dsn,
+        MESH_KAFKA_BOOTSTRAP=s.kafka_bootstrap,
+        MESH_AUDIT_TOPIC=s.audit_topic,
+        MESH_KAFKA_PARTITIONS=str(s.kafka_partitions),
+        MESH_RELAY_BATCH_SIZE=str(s.relay_batch_size),
+        MESH_HTTP_PORT="0",
+        MESH_LOG_LEVEL="WARNING",
+        PYTHONPATH=str(ROOT),
+    )
+    return MeshProcs(["relay", "run"], "relay", n, env, log_dir)
 
 
 async def bench_relay_procs(
@@ -562,7 +531,7 @@ async def bench_relay_procs(
     await kafka.ensure_topic(s)
     await highwaters(s, topic)
     log_dir = Path(tempfile.mkdtemp(prefix="relays-", dir=cfg.root))
-    rp = RelayProcs(s, procs, log_dir, cfg.root / "no-mesh.toml")
+    rp = relay_procs(s, procs, log_dir, cfg.root / "no-mesh.toml")
     try:
         share = math.ceil(args.partitions / procs)
         deadline = time.monotonic() + 60

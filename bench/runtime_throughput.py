@@ -40,6 +40,7 @@ for _p in (str(ROOT), str(HERE)):
         sys.path.insert(0, _p)
 
 import asyncpg  # noqa: E402
+from _procs import MeshProcs  # noqa: E402
 from bench_agent import (  # noqa: E402
     AGENT_NAME,
     IN_STREAM,
@@ -327,60 +328,19 @@ async def bench_runtime(stack: Stack, wires: Sequence[bytes], *, consumers: int)
     return res
 
 
-class AgentProcs:
-    """`mesh agent run bench-agent` processes; always killed on the way out."""
-
-    def __init__(self, cfg: devstack.StackConfig, n: int, log_dir: Path) -> None:
-        env = dict(os.environ)  # MESH_* knobs set by the caller apply here too
-        env.update(
-            MESH_REDIS_URL=cfg.redis_url,
-            MESH_POSTGRES_DSN=cfg.postgres_dsn,
-            MESH_HTTP_PORT="0",
-            MESH_BATCH_SIZE=str(BATCH),
-            MESH_GRACE_S="5",
-            MESH_LOG_LEVEL="WARNING",
-            PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT)]),
-        )
-        self.logs = [log_dir / f"agent-{i}.log" for i in range(n)]
-        self.procs: list[subprocess.Popen[bytes]] = []
-        for path in self.logs:
-            with path.open("wb") as log:
-                self.procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "agentmesh",
-                            "agent",
-                            "run",
-                            AGENT_NAME,
-                            "-m",
-                            "bench_agent",
-                        ],
-                        env=env,
-                        cwd=log_dir,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                    )
-                )
-
-    def check_alive(self) -> None:
-        for p, path in zip(self.procs, self.logs, strict=True):
-            if p.poll() is not None:
-                tail = path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"agent process exited with {p.returncode}:\n{tail}")
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
+def agent_procs(cfg: devstack.StackConfig, n: int, log_dir: Path) -> MeshProcs:
+    """`mesh agent run bench-agent` processes."""
+    env = dict(os.environ)  # MESH_* knobs set by the caller apply here too
+    env.update(
+        MESH_REDIS_URL=cfg.redis_url,
+        MESH_POSTGRES_DSN=cfg.postgres_dsn,
+        MESH_HTTP_PORT="0",
+        MESH_BATCH_SIZE=str(BATCH),
+        MESH_GRACE_S="5",
+        MESH_LOG_LEVEL="WARNING",
+        PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT)]),
+    )
+    return MeshProcs(["agent", "run", AGENT_NAME, "-m", "bench_agent"], "agent", n, env, log_dir)
 
 
 async def blocked_readers(redis: Redis) -> int:
@@ -402,7 +362,7 @@ async def bench_processes(stack: Stack, wires: Sequence[bytes], *, procs: int) -
     await stack.prefill(IN_STREAM, wires[:-1])
     await stack.create_group(IN_STREAM, AGENT_NAME, start="$")
     log_dir = Path(tempfile.mkdtemp(prefix="agents-", dir=stack.cfg.root))
-    agents = AgentProcs(stack.cfg, procs, log_dir)
+    agents = agent_procs(stack.cfg, procs, log_dir)
     try:
         deadline = time.monotonic() + 60
         while await blocked_readers(stack.redis) < procs:  # each process waits in XREADGROUP
