@@ -49,6 +49,10 @@ def _register_audit_commands() -> None:
     app.add_typer(outbox_app, name="outbox")
     app.command("replay")(replay)
 
+    from agentmesh.dlq_cli import dlq_app
+
+    app.add_typer(dlq_app, name="dlq")
+
 
 _register_audit_commands()
 
