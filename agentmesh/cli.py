@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar, cast
 from urllib.parse import urlparse
 
 import typer
@@ -49,6 +49,7 @@ def _register_audit_commands() -> None:
     app.add_typer(outbox_app, name="outbox")
     app.command("replay")(replay)
 
+    import agentmesh.dlq_actions  # noqa: F401  (adds retry, drop, edit to `mesh dlq`)
     from agentmesh.dlq_cli import dlq_app
 
     app.add_typer(dlq_app, name="dlq")
@@ -366,6 +367,20 @@ def config(as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+def _is_usage_error(exc: Exception) -> bool:
+    """Click's usage errors; typer >= 0.20 raises those of its own vendored click copy."""
+    import click
+
+    kinds: list[type[Exception]] = [click.ClickException]
+    try:
+        from typer._click import ClickException as VendoredClickException
+
+        kinds.append(VendoredClickException)
+    except ImportError:
+        pass
+    return isinstance(exc, tuple(kinds))
+
+
 def main() -> None:
     """Entry point: turns known failures into one red line and a meaningful exit code."""
     import asyncpg
@@ -409,10 +424,8 @@ def main() -> None:
         err.print("aborted")
         sys.exit(130)
     except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
+        if _is_usage_error(exc):
+            cast(Any, exc).show()
             sys.exit(EXIT_INPUT)
         if os.environ.get("MESH_DEBUG"):
             raise

@@ -1,7 +1,9 @@
 """`mesh dlq`: look into the dead-letter stream without writing XRANGE scripts.
 
-Read commands only so far (list, show). A DLQ entry is the original bytes plus why and how
-often it failed (see bus/deadletter.py); its id is the DLQ stream's entry id.
+A DLQ entry is the original bytes plus why and how often it failed (see bus/deadletter.py);
+its id is the DLQ stream's entry id. retry, drop and edit are recorded in the audit log
+(outbox/operator.py) with the operator's identity and reason *before* they are carried out,
+and each is one Lua step in Redis, so two operators acting on one entry cannot both win.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class DlqEntry:
     last_failure: str
     dead_lettered_at: str
     envelope: Any  # the decoded JSON, or the raw text when it is not JSON
+    raw: bytes = b""  # the envelope bytes, verbatim (what a retry puts back)
 
     @property
     def event_type(self) -> str:
@@ -93,6 +96,7 @@ def to_entry(entry_id: bytes | str, fields: dict[bytes, bytes], now: float) -> D
         last_failure=_text(fields.get(b"last_failure")),
         dead_lettered_at=_text(fields.get(b"dead_lettered_at")),
         envelope=envelope,
+        raw=fields.get(b"envelope") or b"",
     )
 
 
@@ -154,7 +158,7 @@ def _age(seconds: float) -> str:
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 StreamOpt = Annotated[str | None, typer.Option("--stream", help="Original stream.")]
 AgentOpt = Annotated[str | None, typer.Option("--agent", help="Agent that gave up.")]
-ReasonOpt = Annotated[str | None, typer.Option("--reason", help="Text in the reason or error.")]
+MatchOpt = Annotated[str | None, typer.Option("--match", help="Text in the reason or error.")]
 OlderOpt = Annotated[str | None, typer.Option("--older-than", help="Age, e.g. 15m, 2h.")]
 NewerOpt = Annotated[str | None, typer.Option("--newer-than", help="Age, e.g. 30s, 1d.")]
 
@@ -163,7 +167,7 @@ NewerOpt = Annotated[str | None, typer.Option("--newer-than", help="Age, e.g. 30
 def dlq_list(
     stream: StreamOpt = None,
     agent: AgentOpt = None,
-    reason: ReasonOpt = None,
+    match: MatchOpt = None,
     older_than: OlderOpt = None,
     newer_than: NewerOpt = None,
     as_json: JsonOpt = False,
@@ -172,13 +176,7 @@ def dlq_list(
     from agentmesh.cli import emit_json, out, run, settings
 
     s = settings()
-    flt = DlqFilter(
-        stream=stream,
-        agent=agent,
-        reason=reason,
-        older_than_s=parse_age(older_than) if older_than else None,
-        newer_than_s=parse_age(newer_than) if newer_than else None,
-    )
+    flt = make_filter(stream, agent, match, older_than, newer_than)
     entries = run(read_dlq(s.redis_url, s.dlq_stream, flt))
     if as_json:
         emit_json([{**_summary(e)} for e in entries])
@@ -200,9 +198,26 @@ def dlq_list(
     out.print(f"{len(entries)} dead-lettered message(s) in {s.dlq_stream}")
 
 
+def make_filter(
+    stream: str | None,
+    agent: str | None,
+    match: str | None,
+    older_than: str | None,
+    newer_than: str | None,
+) -> DlqFilter:
+    return DlqFilter(
+        stream=stream,
+        agent=agent,
+        reason=match,
+        older_than_s=parse_age(older_than) if older_than else None,
+        newer_than_s=parse_age(newer_than) if newer_than else None,
+    )
+
+
 def _summary(e: DlqEntry) -> dict[str, Any]:
     data = asdict(e)
     data.pop("traceback")
+    data.pop("raw")
     data.update(event_type=e.event_type, session_id=e.session_id)
     return data
 
@@ -222,7 +237,14 @@ def dlq_show(
     if entry is None:
         fail(f"no DLQ entry {ident} in {s.dlq_stream}", EXIT_FAILED)
     if as_json:
-        emit_json({**asdict(entry), "event_type": entry.event_type, "session_id": entry.session_id})
+        emit_json(
+            {
+                **_summary(entry),
+                "traceback": entry.traceback,
+                "event_type": entry.event_type,
+                "session_id": entry.session_id,
+            }
+        )
         return
     table = Table("field", "value", show_header=False)
     for name, value in (

@@ -18,3 +18,5 @@ class Scripts:
         self.publish: AsyncScript = redis.register_script(_source("publish"))
         self.claim_own: AsyncScript = redis.register_script(_source("claim_own"))
         self.trim: AsyncScript = redis.register_script(_source("trim"))
+        self.dlq_retry: AsyncScript = redis.register_script(_source("dlq_retry"))
+        self.dlq_replace: AsyncScript = redis.register_script(_source("dlq_replace"))

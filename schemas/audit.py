@@ -24,3 +24,21 @@ class ActionRecorded(BaseModel):
 
 
 registry.register(ACTION, ActionRecorded, stream=None)
+
+
+OPERATOR = "mesh.operator"
+
+
+class OperatorAction(BaseModel):
+    """A human's hand on the mesh (a DLQ retry, drop or edit): who, what, on what, and why."""
+
+    operator: str
+    action: str  # dlq.retry, dlq.drop, dlq.edit
+    reason: str
+    target: str  # e.g. the DLQ entry id
+    event_id: str | None = None  # the dead-lettered event, when its envelope could be read
+    stream: str | None = None
+    detail: dict[str, Any] = {}
+
+
+registry.register(OPERATOR, OperatorAction, stream=None)

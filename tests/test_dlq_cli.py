@@ -54,7 +54,7 @@ async def test_dlq_list_filters_and_json(base_env: dict[str, str], redis: Redis)
 
     assert listed("--stream", "t:other") == ids[1:]
     assert listed("--agent", "worker") == ids[:1]
-    assert listed("--reason", "UPSTREAM") == ids[1:]  # matches the error text too
+    assert listed("--match", "UPSTREAM") == ids[1:]  # matches the error text too
     assert listed("--older-than", "1h") == []
     assert listed("--newer-than", "1h") == ids
 

@@ -1,0 +1,67 @@
+"""Operator actions go to the audit log like agent actions: an outbox row with no stream.
+
+The row commits *before* the action is carried out, so the log never misses an action that
+happened; if the command dies in between, the log shows an attempt the operator can see and
+repeat (a retry or a drop of an entry that is already gone is refused, not done twice).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from outbox.kafka import session_hash
+from schemas.audit import OPERATOR
+from schemas.envelope import Envelope
+from schemas.registry import registry
+
+_INSERT_SQL = """
+INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, idempotency_key,
+                         causation_id, schema_version, session_hash)
+VALUES ($1, $2, $3, NULL, $4, $5, $6, $7, $8, $9)
+"""
+
+NO_SESSION = "operator"  # where an action on an unreadable envelope is filed
+
+
+async def record_operator_action(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    operator: str,
+    action: str,
+    reason: str,
+    target: str,
+    session_id: str | None,
+    event_id: str | None = None,
+    stream: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> Envelope:
+    env = registry.make(
+        OPERATOR,
+        {
+            "operator": operator,
+            "action": action,
+            "reason": reason,
+            "target": target,
+            "event_id": event_id,
+            "stream": stream,
+            "detail": detail or {},
+        },
+        session_id=session_id or NO_SESSION,
+        source=f"operator:{operator}",
+        causation_id=event_id,
+    )
+    await conn.execute(
+        _INSERT_SQL,
+        env.event_id,
+        env.session_id,
+        env.type,
+        env.to_json(),
+        env.source,
+        env.idempotency_key,
+        env.causation_id,
+        env.schema_version,
+        session_hash(env.session_id),
+    )
+    return env

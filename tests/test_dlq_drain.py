@@ -1,0 +1,123 @@
+"""DLQ drain end to end, with a real agent, Postgres, Redis and Kafka: a poison message is
+dead-lettered with its reason, refused for retry until it is fixed, edited, re-driven, handled
+once, and the audit log (replayed from Kafka) shows who did what and why."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+import asyncpg
+from redis.asyncio import Redis
+
+from tests.audit_helpers import drain_outbox, settings_from
+from tests.conftest import AgentProcess, eventually
+from tests.helpers import job, mesh
+
+
+async def _dlq_ids(env: dict[str, str]) -> list[dict[str, object]]:
+    r = await asyncio.to_thread(mesh, env, "dlq", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    rows: list[dict[str, object]] = json.loads(r.stdout)
+    return rows
+
+
+async def test_poison_ticket_is_edited_retried_and_audited(
+    redis: Redis,
+    pg: asyncpg.Connection,
+    audit_env: dict[str, str],
+    agents: Callable[..., AgentProcess],
+) -> None:
+    env = {**audit_env, "MESH_OPERATOR": "alice"}
+    good = job(7, session="s-drain")
+    poison = json.loads(good.to_json())
+    poison["payload"] = {"n": "seven"}  # fails the Job schema
+    await redis.xadd("t:jobs", {"envelope": json.dumps(poison)})
+    agents("worker")
+
+    async def dead_lettered() -> bool:
+        return len(await _dlq_ids(env)) == 1
+
+    await eventually(dead_lettered, timeout=30, what="the poison message in the DLQ")
+    (row,) = await _dlq_ids(env)
+    dlq_id = str(row["id"])
+    assert row["session_id"] == "s-drain" and row["event_type"] == "job.created"
+    assert row["stream"] == "t:jobs" and row["agent"] == "worker" and row["reason"]
+
+    refused = await asyncio.to_thread(mesh, env, "dlq", "retry", dlq_id, "--json")
+    assert refused.returncode == 1 and "fix it with mesh dlq edit" in refused.stdout
+    bad_edit = await asyncio.to_thread(
+        mesh, env, "dlq", "edit", dlq_id, "--payload", '{"n": "still"}'
+    )
+    assert bad_edit.returncode == 2 and "still invalid" in bad_edit.stderr
+
+    edited = await asyncio.to_thread(
+        mesh, env, "dlq", "edit", dlq_id, "--payload", '{"n": 7}', "--reason", "typo", "--json"
+    )
+    assert edited.returncode == 0, edited.stderr
+    new_id = json.loads(edited.stdout)["new_id"]
+    retried = await asyncio.to_thread(
+        mesh, env, "dlq", "retry", new_id, "--reason", "fixed the typo", "--json"
+    )
+    assert retried.returncode == 0, retried.stderr
+    assert json.loads(retried.stdout)[0]["done"] is True
+
+    async def handled() -> bool:
+        return bool(
+            await pg.fetchval(
+                "SELECT count(*) FROM mesh_actions WHERE input_event_id = $1::uuid", good.event_id
+            )
+        )
+
+    await eventually(handled, timeout=30, what="the fixed message handled")
+    again = await asyncio.to_thread(mesh, env, "dlq", "retry", new_id)
+    assert again.returncode == 1 and "no DLQ entry" in again.stderr
+    assert await _dlq_ids(env) == []
+    await asyncio.sleep(1)
+    assert int(await redis.get(f"t:runs:{good.event_id}") or 0) == 1
+
+    await drain_outbox(settings_from(env), pg)
+    replay = await asyncio.to_thread(mesh, env, "replay", "s-drain", "--json")
+    assert replay.returncode == 0, replay.stderr
+    events = [json.loads(line) for line in replay.stdout.splitlines()]
+    operator = [e for e in events if e["type"] == "mesh.operator"]
+    assert [
+        (e["payload"]["action"], e["payload"]["operator"], e["payload"]["reason"]) for e in operator
+    ] == [
+        ("dlq.edit", "alice", "typo"),
+        ("dlq.retry", "alice", "fixed the typo"),
+    ]
+    assert operator[0]["payload"]["detail"]["after"] == {"n": 7}
+    types = [e["type"] for e in events]
+    assert types.index("mesh.operator") < types.index("mesh.action")  # re-driven, then handled
+
+
+async def test_drop_requires_a_reason_and_filters_select(
+    redis: Redis, pg: asyncpg.Connection, base_env: dict[str, str]
+) -> None:
+    from tests.test_dlq_cli import _dead_letter
+
+    env = {**base_env, "MESH_OPERATOR": "bob"}
+    ids = await _dead_letter(redis)
+    no_reason = mesh(env, "dlq", "drop", ids[0])
+    assert no_reason.returncode == 2 and "Traceback" not in no_reason.stderr
+    nothing = mesh(env, "dlq", "drop", "--reason", "x")
+    assert nothing.returncode == 2 and "exactly one" in nothing.stderr
+    dropped = mesh(env, "dlq", "drop", "--agent", "worker", "--reason", "junk test data", "--json")
+    assert dropped.returncode == 0, dropped.stderr
+    assert [o["id"] for o in json.loads(dropped.stdout)] == ids[:1]
+    assert [r["id"] for r in json.loads(mesh(env, "dlq", "list", "--json").stdout)] == ids[1:]
+    rows = await pg.fetch(
+        "SELECT session_id, envelope FROM mesh_outbox WHERE type = 'mesh.operator' ORDER BY id"
+    )
+    payloads = [json.loads(r["envelope"])["payload"] for r in rows]
+    assert [(p["action"], p["operator"], p["reason"], p["target"]) for p in payloads][-1] == (
+        "dlq.drop",
+        "bob",
+        "junk test data",
+        ids[0],
+    )
+    assert rows[-1]["session_id"] == "operator"  # its envelope was unreadable
+    table = mesh(env, "dlq", "retry", "--all")
+    assert table.returncode == 0 and "1 of 1 retried" in table.stdout
