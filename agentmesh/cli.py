@@ -49,6 +49,10 @@ def _register_audit_commands() -> None:
     app.add_typer(outbox_app, name="outbox")
     app.command("replay")(replay)
 
+    from agentmesh.status_cli import status
+
+    app.command("status")(status)
+
     import agentmesh.dlq_actions  # noqa: F401  (adds retry, drop, edit to `mesh dlq`)
     from agentmesh.dlq_cli import dlq_app
 

@@ -8,6 +8,7 @@ gracefully on SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -18,6 +19,7 @@ from typing import Any
 import asyncpg
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from agentmesh.health import HealthServer
 from agentmesh.settings import Settings
@@ -25,6 +27,9 @@ from agents.agent import Agent
 from agents.consumer import ConsumerLoop
 from agents.metrics import Metrics
 from agents.resilience import STATE_VALUE, Dependency
+
+BREAKER_REPORT_PREFIX = "mesh:breakers:"  # + replica name: {agent, replica, states}
+BREAKER_REPORT_TTL_S = 15
 
 log = structlog.get_logger("agentmesh.runner")
 
@@ -46,6 +51,7 @@ class Runner:
         self._ready = False
         base = f"{agent.name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.consumer_names = [f"{base}-{i}" for i in range(settings.consumers)]
+        self.replica = base
 
     # -- breakers decide which streams are read ---------------------------------------------
     def paused_streams(self) -> tuple[set[str], set[str]]:
@@ -157,6 +163,7 @@ class Runner:
                 self.metrics.lag.labels(self.agent.name, stream).set(info["lag"])
             for name, dep in self.dependencies.items():
                 self.metrics.breaker_state.labels(self.agent.name, name).set(STATE_VALUE[dep.state])
+            await self._report_breakers()
             if time.monotonic() >= next_trim:
                 next_trim = time.monotonic() + s.trim_interval_s
                 for stream in self.agent.streams:
@@ -168,6 +175,20 @@ class Runner:
                     await stop.wait()
             except TimeoutError:
                 pass
+
+    async def _report_breakers(self) -> None:
+        """Breaker states for `mesh status`: one short-lived key per replica, so a replica that
+        died drops out by itself within BREAKER_REPORT_TTL_S."""
+        if not self.dependencies:
+            return
+        states = {name: dep.state for name, dep in self.dependencies.items()}
+        report = json.dumps({"agent": self.agent.name, "replica": self.replica, "states": states})
+        try:
+            await self.redis.set(
+                f"{BREAKER_REPORT_PREFIX}{self.replica}", report, ex=BREAKER_REPORT_TTL_S
+            )
+        except RedisError:
+            pass  # Redis down: the consumer loops are already handling that
 
     async def _live(self) -> tuple[bool, str]:
         return True, "ok"
