@@ -373,15 +373,12 @@ def config(as_json: JsonOpt = False) -> None:
 
 def _is_usage_error(exc: Exception) -> bool:
     """Click's usage errors; typer >= 0.20 raises those of its own vendored click copy."""
-    import click
-
-    kinds: list[type[Exception]] = [click.ClickException]
-    try:
-        from typer._click import ClickException as VendoredClickException
-
-        kinds.append(VendoredClickException)
-    except ImportError:
-        pass
+    kinds: list[type[Exception]] = []
+    for module in ("typer._click", "click"):  # a clean install may have only the vendored one
+        try:
+            kinds.append(importlib.import_module(module).ClickException)
+        except ImportError:
+            pass
     return isinstance(exc, tuple(kinds))
 
 
