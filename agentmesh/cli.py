@@ -49,7 +49,13 @@ def _register_audit_commands() -> None:
     app.add_typer(outbox_app, name="outbox")
     app.command("replay")(replay)
 
+    from agentmesh.session_cli import approve_cmd, reject_cmd, session_cmd, sessions_cmd
     from agentmesh.status_cli import status
+
+    app.command("sessions")(sessions_cmd)
+    app.command("session")(session_cmd)
+    app.command("approve")(approve_cmd)
+    app.command("reject")(reject_cmd)
 
     app.command("status")(status)
 

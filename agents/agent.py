@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agents.periodic import Job, PeriodicSpec
 from agents.resilience import DependencySpec
 from schemas.envelope import Envelope
 from schemas.registry import Registry
@@ -62,6 +63,7 @@ class Agent:
         self.dependencies = {d.name: d for d in dependencies}
         self.handlers: dict[str, HandlerSpec] = {}
         self.projections: dict[str, list[Projection]] = {}
+        self.periodic: list[PeriodicSpec] = []
         AGENTS[name] = self
 
     def handler(
@@ -78,6 +80,15 @@ class Agent:
         def register(fn: Handler) -> Handler:
             self.registry.get(event_type)  # fail fast on a typo
             self.handlers[event_type] = HandlerSpec(event_type, fn, needs, timeout_s)
+            return fn
+
+        return register
+
+    def every(self, interval_s: float) -> Callable[[Job], Job]:
+        """Register a periodic job (a deadline sweep, say); one replica runs it at a time."""
+
+        def register(fn: Job) -> Job:
+            self.periodic.append(PeriodicSpec(fn.__name__, interval_s, fn))
             return fn
 
         return register

@@ -331,7 +331,7 @@ class ConsumerLoop:
                 input_event_id=env.event_id,
                 input_type=env.type,
                 result=result,
-                emitted=[e.event_id for _, e in ctx.emitted],
+                emitted=[e.event_id for e in ctx.recorded] + [e.event_id for _, e in ctx.emitted],
             ),
             session_id=env.session_id,
             causation_id=env.event_id,
@@ -343,7 +343,7 @@ class ConsumerLoop:
             stream=entry.stream,
             entry_id=entry.id,
             result=result,
-            audit=[audit],
+            audit=[audit, *ctx.recorded],
             handoffs=ctx.emitted,
         )
 

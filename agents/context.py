@@ -36,7 +36,8 @@ class Context:
         self._registry = registry
         self._emits = emits
         self._deps = dependencies
-        self.emitted: list[tuple[str, Envelope]] = []
+        self.emitted: list[tuple[str, Envelope]] = []  # handoffs: (stream, event)
+        self.recorded: list[Envelope] = []  # audit-only events (their type has no stream)
         self._log: Any = None
 
     @property
@@ -60,7 +61,11 @@ class Context:
             causation_id=self.envelope.event_id,
             source=self.agent,
         )
-        self.emitted.append((self._registry.stream_of(event_type), env))
+        stream = self._registry.get(event_type).stream
+        if stream is None:  # audit-only: written to the outbox for Kafka, sent to no stream
+            self.recorded.append(env)
+        else:
+            self.emitted.append((stream, env))
         return env
 
     def dependency(self, name: str) -> Dependency:

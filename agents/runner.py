@@ -8,6 +8,7 @@ gracefully on SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import secrets
@@ -26,6 +27,7 @@ from agentmesh.settings import Settings
 from agents.agent import Agent
 from agents.consumer import ConsumerLoop
 from agents.metrics import Metrics
+from agents.periodic import Tick, run_periodic
 from agents.resilience import STATE_VALUE, Dependency
 
 BREAKER_REPORT_PREFIX = "mesh:breakers:"  # + replica name: {agent, replica, states}
@@ -100,6 +102,10 @@ class Runner:
             self._tasks.append(asyncio.create_task(self._guard(lp.run, lp.name)))
             self._tasks.append(asyncio.create_task(self._guard(lp.heartbeat, lp.name + "/hb")))
         self._tasks.append(asyncio.create_task(self._guard(self._housekeeping, "housekeeping")))
+        tick = Tick(agent=self.agent.name, pool=self.pool, bus=self.loops[0].streams)
+        for spec in self.agent.periodic:
+            job = functools.partial(run_periodic, spec, tick)
+            self._tasks.append(asyncio.create_task(self._guard(job, f"every/{spec.name}")))
         self._ready = True
         log.info(
             "agent started",

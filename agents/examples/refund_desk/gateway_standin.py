@@ -80,6 +80,10 @@ class PaymentGatewayStandIn:
                         status=422, body={"error": "idempotency key reused with another body"}
                     )
                 return Reply(status=reply.status, body={**reply.body, "replayed": True})
+            if request.get("account") == "closed":  # refused for good, and remembered so
+                reply = Reply(status=402, body={"error": "customer account is closed"})
+                self._answers[key] = (fingerprint, reply)
+                return reply
             if self._random.random() < self.config.failure_rate:
                 # Declined before any money moved: not remembered, so a retry may succeed.
                 return Reply(status=502, body={"error": "refund declined (stand-in failure rate)"})

@@ -1,0 +1,157 @@
+"""The refund desk, every path, with its agents as processes (two payments replicas), the
+gateway stand-in over HTTP, and real Redis and Postgres. Each ends in the right terminal
+state with at most one payment per ticket in the gateway's own ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from tests.conftest import AgentProcess
+from tests.helpers import mesh
+from tests.refund_helpers import Desk, start_desk
+
+
+def ticket(
+    n: int, amount: int = 2_500, text: str = "arrived broken", **kw: str
+) -> dict[str, object]:
+    return {"ticket_id": f"T-{n}", "customer": f"c{n}@example.com", "order_id": f"O-{n}",
+            "amount_cents": amount, "text": text, **kw}  # fmt: skip
+
+
+@pytest.fixture
+def desk(
+    base_env: dict[str, str],
+    agents: Callable[..., AgentProcess],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[Desk]:
+    marker = request.node.get_closest_marker("desk")
+    kwargs = marker.kwargs if marker else {}
+    d = start_desk(base_env, agents, tmp_path, **kwargs)
+    yield d
+    d.gateway.stop()
+
+
+async def test_auto_human_approved_rejected_refused_and_over_limit(
+    desk: Desk, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    desk.publish("s-auto", **ticket(1))
+    desk.publish("s-human", **ticket(2, amount=90_000))
+    desk.publish("s-reject", **ticket(3, amount=90_000))
+    desk.publish("s-closed", **ticket(4, account="closed"))
+    desk.publish("s-limit", **ticket(5, amount=900_000))
+
+    assert (await desk.until("s-auto", "ended"))["outcome"] == "refunded"
+    waiting = await desk.until("s-human", "waiting")
+    assert waiting["step"] == "risk: approval" and waiting["deadline"]
+    await desk.until("s-reject", "waiting")
+
+    ok = await asyncio.to_thread(
+        mesh, desk.env, "approve", "s-human", "--reason", "known customer", "--json"
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["decision"] == "approve"
+    no_reason = await asyncio.to_thread(mesh, desk.env, "reject", "s-reject")
+    assert no_reason.returncode == 2
+    rej = await asyncio.to_thread(
+        mesh, desk.env, "reject", "s-reject", "--reason", "duplicate claim"
+    )
+    assert rej.returncode == 0, rej.stderr
+
+    assert (await desk.until("s-human", "ended"))["outcome"] == "refunded"
+    rejected = await desk.until("s-reject", "ended")
+    assert rejected["outcome"] == "rejected" and rejected["reason"] == "duplicate claim"
+    assert (await desk.until("s-closed", "ended"))["outcome"] == "compensated"
+    assert (await desk.until("s-limit", "ended"))["outcome"] == "rejected"
+
+    again = await asyncio.to_thread(mesh, desk.env, "approve", "s-human")
+    assert again.returncode == 1 and "not waiting" in again.stderr
+    missing = await asyncio.to_thread(mesh, desk.env, "session", "nope", "--no-replay")
+    assert missing.returncode == 1 and missing.stderr.startswith("error:")
+
+    assert desk.gateway.paid() == {"T-1": 1, "T-2": 1}
+    # the compensations: every hold placed and not paid was released
+    released = {
+        json.loads(r["envelope"])["payload"]["ticket_id"]
+        for r in await pg.fetch("SELECT envelope FROM mesh_outbox WHERE type = 'hold.released'")
+    }
+    assert released == {"T-3", "T-4"}
+    ops = await pg.fetch("SELECT envelope FROM mesh_outbox WHERE type = 'mesh.operator'")
+    assert sorted(json.loads(r["envelope"])["payload"]["action"] for r in ops) == [
+        "approve",
+        "reject",
+    ]
+    assert await redis.xlen("mesh:dlq") == 0
+
+    table = await asyncio.to_thread(mesh, desk.env, "sessions")
+    assert table.returncode == 0 and "s-human" in table.stdout and "refunded" in table.stdout
+    one = await asyncio.to_thread(mesh, desk.env, "session", "s-human", "--no-replay", "--json")
+    assert one.returncode == 0 and json.loads(one.stdout)["outcome"] == "refunded"
+
+
+@pytest.mark.desk(REFUND_APPROVAL_DEADLINE_S="2")
+async def test_a_session_waiting_past_its_deadline_is_compensated(
+    desk: Desk, pg: asyncpg.Connection
+) -> None:
+    desk.publish("s-late", **ticket(6, amount=90_000))
+    await desk.until("s-late", "waiting")
+    ended = await desk.until("s-late", "ended", timeout=30)
+    assert ended["outcome"] == "expired" and "deadline" in ended["reason"]
+    late = await asyncio.to_thread(mesh, desk.env, "approve", "s-late")
+    assert late.returncode == 1  # too late: nothing waits any more
+    assert desk.gateway.paid() == {}
+    rows = await pg.fetch("SELECT type FROM mesh_outbox WHERE session_id = 's-late' ORDER BY id")
+    assert "hold.released" in [r["type"] for r in rows]
+
+
+@pytest.mark.desk(gateway_args=("--outage", "0-15"))
+async def test_gateway_outage_opens_the_breaker_then_every_refund_is_paid_once(
+    desk: Desk, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    sessions = [f"s-out-{i}" for i in range(12)]
+    for i, s in enumerate(sessions):
+        desk.publish(s, **ticket(100 + i))
+
+    async def breaker_open() -> bool:
+        r = await asyncio.to_thread(mesh, desk.env, "status", "--json")
+        return any(b["state"] != "closed" for b in json.loads(r.stdout)["breakers"])
+
+    from tests.conftest import eventually
+
+    await eventually(breaker_open, timeout=20, what="a payments breaker open")
+    for s in sessions:
+        assert (await desk.until(s, "ended", timeout=60))["outcome"] == "refunded"
+    paid = desk.gateway.paid()
+    assert len(paid) == 12 and set(paid.values()) == {1}
+    assert await redis.xlen("mesh:dlq") == 0
+
+
+async def test_malformed_tickets_reach_the_dlq_with_reasons(desk: Desk, redis: Redis) -> None:
+    bad = mesh(
+        desk.env, "publish", "refund:tickets", "-t", "ticket.submitted", "-p", '{"ticket_id": ""}'
+    )
+    assert bad.returncode == 2  # the CLI validates before writing
+    good = json.loads(json.dumps(ticket(7)))
+    import agents.examples.refund_desk  # noqa: F401
+    from schemas import registry
+
+    env = json.loads(registry.make("ticket.submitted", good, session_id="s-bad").to_json())
+    env["payload"]["amount_cents"] = -1
+    await redis.xadd("refund:tickets", {"envelope": json.dumps(env)})
+
+    async def dead() -> list[dict[str, object]]:
+        r = await asyncio.to_thread(mesh, desk.env, "dlq", "list", "--json")
+        return list(json.loads(r.stdout))
+
+    from tests.conftest import eventually
+
+    (row,) = await eventually(dead, timeout=30, what="DLQ entry")
+    assert row["agent"] == "intake" and row["session_id"] == "s-bad" and row["reason"]
+    assert desk.gateway.paid() == {}
