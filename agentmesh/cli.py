@@ -290,6 +290,10 @@ def publish(
     idempotency_key: Annotated[
         str | None, typer.Option(help="Dedup key (default: the event id).")
     ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the session until it ends or waits on a human.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 120.0,
     module: ModuleOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -317,16 +321,48 @@ def publish(
     if expected != stream:
         fail(f"{event_type} travels on stream {expected!r}, not {stream!r}", EXIT_INPUT)
     entry_id = run(_publish(settings(), stream, env))
-    result = {
+    result: dict[str, Any] = {
         "event_id": env.event_id,
         "session_id": env.session_id,
         "stream": stream,
         "entry_id": entry_id,
     }
+    if not as_json:
+        out.print(f"published {event_type} {env.event_id} to {stream} (session {env.session_id})")
+    if wait:
+        with err.status(f"following session {env.session_id}", spinner="dots") as status:
+            row = run(_follow(settings(), env.session_id, timeout, status if not as_json else None))
+        result["session"] = row
+        if not as_json:
+            step = row["step"] if row else "no agent acted"
+            out.print(f"session {env.session_id}: {row['status'] if row else 'timed out'} · {step}")
     if as_json:
         emit_json(result)
-    else:
-        out.print(f"published {event_type} {env.event_id} to {stream} (session {env.session_id})")
+    if wait and (not result.get("session") or result["session"]["status"] == "running"):
+        fail(f"session {env.session_id} did not end within {timeout:.0f} s", EXIT_FAILED)
+
+
+async def _follow(s: Settings, session: str, within_s: float, status: Any) -> Any:
+    """Poll the session's status until it ends or waits on a human; the last row seen."""
+    import asyncpg
+
+    from outbox.sessions import sessions
+
+    conn = await asyncpg.connect(s.postgres_dsn)
+    row: Any = None
+    try:
+        deadline = asyncio.get_running_loop().time() + within_s
+        while asyncio.get_running_loop().time() < deadline:
+            rows = await sessions(conn, session_id=session, limit=1)
+            row = rows[0] if rows else None
+            if row and status is not None:
+                status.update(f"session {session}: {row['status']} · {row['step']}")
+            if row and row["status"] in ("ended", "waiting"):
+                return row
+            await asyncio.sleep(0.3)
+        return row
+    finally:
+        await conn.close()
 
 
 async def _publish(s: Settings, stream: str, env: Any) -> str | None:

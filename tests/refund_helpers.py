@@ -69,9 +69,9 @@ class Desk:
     gateway: Gateway
     procs: list[AgentProcess] = field(default_factory=list)
 
-    def publish(self, session: str, **ticket: Any) -> Any:
+    def publish(self, session: str, *args: str, **ticket: Any) -> Any:
         r = mesh(self.env, "publish", "refund:tickets", "-t", "ticket.submitted", "-s", session,
-                 "-p", json.dumps(ticket), "--json")  # fmt: skip
+                 "-p", json.dumps(ticket), "--json", *args)  # fmt: skip
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 

@@ -42,13 +42,18 @@ def desk(
 async def test_auto_human_approved_rejected_refused_and_over_limit(
     desk: Desk, pg: asyncpg.Connection, redis: Redis
 ) -> None:
-    desk.publish("s-auto", **ticket(1))
+    followed = await asyncio.to_thread(desk.publish, "s-auto", "--wait", **ticket(1))
+    assert followed["session"]["status"] == "ended"  # --wait followed it to the end
+    assert followed["session"]["outcome"] == "refunded"
     desk.publish("s-human", **ticket(2, amount=90_000))
     desk.publish("s-reject", **ticket(3, amount=90_000))
     desk.publish("s-closed", **ticket(4, account="closed"))
     desk.publish("s-limit", **ticket(5, amount=900_000))
 
     assert (await desk.until("s-auto", "ended"))["outcome"] == "refunded"
+    human = mesh(desk.env, "publish", "refund:tickets", "-t", "ticket.submitted", "-s", "s-human2",
+                 "-p", json.dumps(ticket(8, amount=90_000)), "--wait")  # fmt: skip
+    assert human.returncode == 0 and "waiting · risk: approval" in human.stdout, human.stdout
     waiting = await desk.until("s-human", "waiting")
     assert waiting["step"] == "risk: approval" and waiting["deadline"]
     await desk.until("s-reject", "waiting")
