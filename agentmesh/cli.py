@@ -387,17 +387,33 @@ async def _publish(s: Settings, stream: str, env: Any) -> str | None:
 
 @app.command("demo")
 def demo(
-    tasks: Annotated[int, typer.Option(min=1, max=1000, help="Tasks to publish.")] = 3,
+    tickets: Annotated[
+        int, typer.Option(min=10, max=5000, help="Refund tickets to publish.")
+    ] = 300,
+    mesh_name: Annotated[
+        str, typer.Option("--mesh", help="refund (the refund desk) or planner (two agents).")
+    ] = "refund",
+    tasks: Annotated[int, typer.Option(min=1, max=1000, help="Tasks (--mesh planner).")] = 3,
     keep: Annotated[bool, typer.Option(help="Leave the local stack running afterwards.")] = False,
 ) -> None:
-    """Stack up, two agents as processes, tasks published, the handoffs shown, all stopped."""
-    from agentmesh.demo import run_demo
-
+    """The refund desk end to end: stack up, every agent a process, tickets, summary, stop."""
     s = settings()
-    result = run_demo(s, stack_config(s), tasks=tasks, keep=keep, console=out)
-    out.print(f"done in {result.elapsed_s:.1f} s")
-    if result.completed < tasks:
-        raise typer.Exit(EXIT_FAILED)
+    if mesh_name == "planner":
+        from agentmesh.demo import run_demo
+
+        result = run_demo(s, stack_config(s), tasks=tasks, keep=keep, console=out)
+        out.print(f"done in {result.elapsed_s:.1f} s")
+        if result.completed < tasks:
+            raise typer.Exit(EXIT_FAILED)
+        return
+    if mesh_name != "refund":
+        fail(f"unknown mesh {mesh_name!r}; choose refund or planner", EXIT_INPUT)
+    from agentmesh.refund_demo import run_refund_demo
+
+    r = run_refund_demo(s, stack_config(s), tickets=tickets, keep=keep, console=out)
+    out.print(f"done in {r.elapsed_s:.1f} s")
+    if not r.ok:
+        fail("not every ticket settled (see the summary above)", EXIT_FAILED)
 
 
 @app.command("config")
