@@ -135,6 +135,14 @@ class PaymentGatewayStandIn:
             return await self.refund(headers.get("idempotency-key"), body)
         if method == "GET" and path == "/ledger":
             return Reply(status=200, body={"refunds": self.ledger, "calls": self.calls})
+        if method == "POST" and path == "/admin/outage":  # tests: an outage starting now
+            try:
+                seconds = float(json.loads(body)["seconds"])
+            except (ValueError, KeyError, TypeError):
+                return Reply(status=400, body={"error": 'body must be {"seconds": N}'})
+            now = time.monotonic() - self.started
+            self.config.outages.append((now, now + seconds))
+            return Reply(status=200, body={"outage": [now, now + seconds]})
         if method == "GET" and path == "/healthz":
             return Reply(status=200, body={"outage": self.in_outage()})
         return Reply(status=404, body={"error": f"no route {method} {path}"})
