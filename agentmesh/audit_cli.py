@@ -25,6 +25,9 @@ err = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 SessionOpt = Annotated[str | None, typer.Option("--session", "-s", help="One session's rows.")]
+ReasonOpt = Annotated[
+    str, typer.Option("--reason", help="Why (recorded in the audit log with who asked).")
+]
 SinceOpt = Annotated[
     str | None, typer.Option("--since", help="Rows created since this ISO time (UTC if no zone).")
 ]
@@ -217,15 +220,18 @@ def outbox_republish(
     wait: Annotated[
         float, typer.Option(help="Seconds to wait for the rows to reach Kafka (0: do not wait).")
     ] = 120.0,
+    reason: ReasonOpt = "",
     as_json: JsonOpt = False,
 ) -> None:
     """Send already-published rows to Kafka again (after a broker or topic was lost)."""
-    from outbox.resend import republish
+    from outbox.operator import current_operator
+    from outbox.resend import Actor, republish
 
     sel = _selection(session, since)
     s = load_settings()
+    actor = Actor(operator=current_operator(), reason=reason)
     with _bar("republishing", enabled=not as_json and err.is_terminal) as progress:
-        res = asyncio.run(republish(s, sel, wait_s=wait, progress=progress))
+        res = asyncio.run(republish(s, sel, wait_s=wait, progress=progress, actor=actor))
     if as_json:
         _emit(res.__dict__)
     else:
@@ -242,15 +248,20 @@ def outbox_republish(
 
 @outbox_app.command("redrive")
 def outbox_redrive(
-    session: SessionOpt = None, since: SinceOpt = None, as_json: JsonOpt = False
+    session: SessionOpt = None,
+    since: SinceOpt = None,
+    reason: ReasonOpt = "",
+    as_json: JsonOpt = False,
 ) -> None:
     """Re-send stored handoffs onto their Redis streams (after Redis lost recent writes)."""
-    from outbox.resend import redrive
+    from outbox.operator import current_operator
+    from outbox.resend import Actor, redrive
 
     sel = _selection(session, since)
     s = load_settings()
+    actor = Actor(operator=current_operator(), reason=reason)
     with _bar("redriving", enabled=not as_json and err.is_terminal) as progress:
-        res = asyncio.run(redrive(s, sel, progress=progress))
+        res = asyncio.run(redrive(s, sel, progress=progress, actor=actor))
     if as_json:
         _emit(res.__dict__)
     else:

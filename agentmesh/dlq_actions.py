@@ -7,7 +7,6 @@ atomic Redis step. Exit codes: 0 all done, 1 some entries were skipped, 2 bad in
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import subprocess
@@ -31,11 +30,7 @@ from agentmesh.dlq_cli import (
     read_dlq,
     read_one,
 )
-
-
-def operator() -> str:
-    """Who is acting: MESH_OPERATOR if set (a CI job, a shared bastion), else the login."""
-    return os.environ.get("MESH_OPERATOR") or getpass.getuser()
+from outbox.operator import current_operator
 
 
 @dataclass(kw_only=True)
@@ -119,7 +114,7 @@ async def _one(
     env = e.envelope if isinstance(e.envelope, dict) else {}
     audit = await record_operator_action(
         conn,
-        operator=operator(),
+        operator=current_operator(),
         action=f"dlq.{action}",
         reason=why,
         target=e.id,
@@ -292,7 +287,7 @@ async def _edit(entry: DlqEntry, raw: bytes, why: str, payload: Any) -> tuple[st
             return None, ""
         audit = await record_operator_action(
             conn,
-            operator=operator(),
+            operator=current_operator(),
             action="dlq.edit",
             reason=why,
             target=entry.id,
@@ -304,7 +299,7 @@ async def _edit(entry: DlqEntry, raw: bytes, why: str, payload: Any) -> tuple[st
         fields = {
             **page[0][1],
             b"envelope": raw,
-            b"edited_by": operator().encode(),
+            b"edited_by": current_operator().encode(),
             b"edited_from": entry.id.encode(),
         }
         new_id = await dlq.replace(redis, dlq_stream=s.dlq_stream, dlq_id=entry.id, fields=fields)

@@ -171,16 +171,15 @@ async def _publish_decision(session: str, decision: str, reason: str) -> dict[st
     from redis.asyncio import Redis
 
     from agentmesh.cli import EXIT_FAILED, fail, settings
-    from agentmesh.dlq_actions import operator
     from bus import Streams
-    from outbox.operator import record_operator_action
+    from outbox.operator import current_operator, record_operator_action
     from outbox.publish import publish_events
     from outbox.sessions import waiting_steps
     from schemas import registry
     from schemas.approval import decision_key
 
     s = settings()
-    who = operator()
+    who = current_operator()
     conn = await asyncpg.connect(s.postgres_dsn)
     redis = Redis.from_url(s.redis_url)
     try:

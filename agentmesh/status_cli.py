@@ -8,6 +8,7 @@ and idle time. Breaker states come from the short-lived reports each agent repli
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Any
 
 import typer
@@ -65,13 +66,15 @@ async def collect(redis_url: str, dlq_stream: str) -> dict[str, Any]:
             raw = await redis.get(key)
             if raw:
                 report = json.loads(raw)
-                for dep, state in sorted(report["states"].items()):
+                for dep, b in sorted(report["states"].items()):
                     breakers.append(
                         {
                             "agent": report["agent"],
                             "replica": report["replica"],
                             "dependency": dep,
-                            "state": state,
+                            "state": b["state"],
+                            "opened": b["opened"],
+                            "last_opened_at": b["last_opened_at"],
                         }
                     )
         dlq_depth = int(await redis.xlen(dlq_stream))
@@ -120,12 +123,18 @@ def status(
     colour = "red" if dlq["depth"] else "green"
     out.print(f"DLQ {dlq['stream']}: [{colour}]{dlq['depth']}[/] message(s)")
     if data["breakers"]:
-        bt = Table("agent", "dependency", "replica", "breaker")
+        bt = Table("agent", "dependency", "replica", "breaker", "opened")
+        now = time.time()
         for b in data["breakers"]:
             state = {"closed": "[green]closed[/]", "open": "[red]open[/]"}.get(
                 b["state"], f"[yellow]{b['state']}[/]"
             )
-            bt.add_row(b["agent"], b["dependency"], b["replica"], state)
+            opened = "never"
+            if b["opened"]:
+                opened = (
+                    f"{b['opened']}x, last {_idle(int((now - b['last_opened_at']) * 1000))} ago"
+                )
+            bt.add_row(b["agent"], b["dependency"], b["replica"], state, opened)
         out.print(bt)
     else:
         out.print("breakers: none reported (no running agent has a dependency)")

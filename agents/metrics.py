@@ -56,6 +56,12 @@ class Metrics:
             ["agent", "dependency"],
             registry=r,
         )
+        self.breaker_opened = Counter(
+            "mesh_breaker_opened",
+            "Times the breaker has opened (a failed half-open probe counts again)",
+            ["agent", "dependency"],
+            registry=r,
+        )
         self.pending = Gauge(
             "mesh_group_pending",
             "Delivered, not yet acked entries of the group",

@@ -10,12 +10,14 @@ Two layers, on purpose:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from aiobreaker import CircuitBreaker, CircuitBreakerError, CircuitBreakerState
+from aiobreaker.listener import CircuitBreakerListener
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -60,17 +62,56 @@ class DependencySpec:
     retry: RetryPolicy = RetryPolicy()
 
 
-class Dependency:
-    """One dependency's breaker and retry policy, shared by all handlers of a process."""
+class _Openings(CircuitBreakerListener):  # type: ignore[misc]
+    """Counts the breaker's openings. Its state alone is a poor record: with a short reset
+    timeout a breaker is open for a second or two at a time, which a status poll can miss."""
 
-    def __init__(self, spec: DependencySpec) -> None:
+    def __init__(self, on_change: Callable[[], None] | None) -> None:
+        self.opened = 0
+        self.last_opened_at: float | None = None  # wall clock, for operators
+        self.on_change = on_change
+
+    def state_change(self, breaker: Any, old: Any, new: Any) -> None:
+        if new is not None and new.state == CircuitBreakerState.OPEN:
+            self.opened += 1
+            self.last_opened_at = time.time()
+        if self.on_change is not None:
+            self.on_change()
+
+
+class Dependency:
+    """One dependency's breaker and retry policy, shared by all handlers of a process.
+
+    `on_change` is called (synchronously, in the event loop) whenever the breaker changes
+    state, so the runner can report a change at once instead of at its next poll."""
+
+    def __init__(self, spec: DependencySpec, on_change: Callable[[], None] | None = None) -> None:
         self.spec = spec
+        self._openings = _Openings(on_change)
         self.breaker = CircuitBreaker(
             fail_max=spec.fail_max,
             timeout_duration=timedelta(seconds=spec.reset_timeout_s),
             exclude=[NonRetryable],
+            listeners=[self._openings],
             name=spec.name,
         )
+
+    @property
+    def opened(self) -> int:
+        """How many times the breaker has opened since the process started."""
+        return self._openings.opened
+
+    @property
+    def last_opened_at(self) -> float | None:
+        return self._openings.last_opened_at
+
+    def report(self) -> dict[str, Any]:
+        """What `mesh status` shows of this breaker."""
+        return {
+            "state": self.state,
+            "opened": self.opened,
+            "last_opened_at": self.last_opened_at,
+        }
 
     @property
     def name(self) -> str:

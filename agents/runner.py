@@ -43,7 +43,11 @@ class Runner:
         self.agent = agent
         self.settings = settings
         self.metrics = Metrics()
-        self.dependencies = {n: Dependency(spec) for n, spec in agent.dependencies.items()}
+        self.breakers_changed = asyncio.Event()
+        self.dependencies = {
+            n: Dependency(spec, on_change=self.breakers_changed.set)
+            for n, spec in agent.dependencies.items()
+        }
         self.stop_event = asyncio.Event()
         self.redis: Redis
         self.pool: asyncpg.Pool
@@ -102,6 +106,8 @@ class Runner:
             self._tasks.append(asyncio.create_task(self._guard(lp.run, lp.name)))
             self._tasks.append(asyncio.create_task(self._guard(lp.heartbeat, lp.name + "/hb")))
         self._tasks.append(asyncio.create_task(self._guard(self._housekeeping, "housekeeping")))
+        if self.dependencies:
+            self._tasks.append(asyncio.create_task(self._guard(self._breaker_reports, "breakers")))
         tick = Tick(agent=self.agent.name, pool=self.pool, bus=self.loops[0].streams)
         for spec in self.agent.periodic:
             job = functools.partial(run_periodic, spec, tick)
@@ -167,9 +173,6 @@ class Runner:
                 info = await streams.group_info(stream)
                 self.metrics.pending.labels(self.agent.name, stream).set(info["pending"])
                 self.metrics.lag.labels(self.agent.name, stream).set(info["lag"])
-            for name, dep in self.dependencies.items():
-                self.metrics.breaker_state.labels(self.agent.name, name).set(STATE_VALUE[dep.state])
-            await self._report_breakers()
             if time.monotonic() >= next_trim:
                 next_trim = time.monotonic() + s.trim_interval_s
                 for stream in self.agent.streams:
@@ -182,12 +185,31 @@ class Runner:
             except TimeoutError:
                 pass
 
+    async def _breaker_reports(self, stop: asyncio.Event) -> None:
+        """Breaker states for `mesh status` and /metrics: at once when a breaker changes state,
+        else every 2 s (an open breaker turns half-open by the clock, with no event)."""
+        counted = dict.fromkeys(self.dependencies, 0)
+        while not stop.is_set():
+            self.breakers_changed.clear()
+            for name, dep in self.dependencies.items():
+                self.metrics.breaker_state.labels(self.agent.name, name).set(STATE_VALUE[dep.state])
+                opened = dep.opened
+                if opened > counted[name]:
+                    self.metrics.breaker_opened.labels(self.agent.name, name).inc(
+                        opened - counted[name]
+                    )
+                    counted[name] = opened
+            await self._report_breakers()
+            changed = asyncio.create_task(self.breakers_changed.wait())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({changed, stopping}, timeout=2.0, return_when="FIRST_COMPLETED")
+            for t in (changed, stopping):
+                t.cancel()
+
     async def _report_breakers(self) -> None:
-        """Breaker states for `mesh status`: one short-lived key per replica, so a replica that
-        died drops out by itself within BREAKER_REPORT_TTL_S."""
-        if not self.dependencies:
-            return
-        states = {name: dep.state for name, dep in self.dependencies.items()}
+        """One short-lived key per replica, so a replica that died drops out by itself within
+        BREAKER_REPORT_TTL_S. It carries each breaker's state and how often it has opened."""
+        states = {name: dep.report() for name, dep in self.dependencies.items()}
         report = json.dumps({"agent": self.agent.name, "replica": self.replica, "states": states})
         try:
             await self.redis.set(

@@ -7,6 +7,8 @@ repeat (a retry or a drop of an entry that is already gone is refused, not done 
 
 from __future__ import annotations
 
+import getpass
+import os
 from typing import Any
 
 import asyncpg
@@ -22,7 +24,12 @@ INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, id
 VALUES ($1, $2, $3, NULL, $4, $5, $6, $7, $8, $9)
 """
 
-NO_SESSION = "operator"  # where an action on an unreadable envelope is filed
+NO_SESSION = "operator"  # where an action on an unreadable envelope or many sessions is filed
+
+
+def current_operator() -> str:
+    """Who is acting: MESH_OPERATOR if set (a CI job, a shared bastion), else the login."""
+    return os.environ.get("MESH_OPERATOR") or getpass.getuser()
 
 
 async def record_operator_action(

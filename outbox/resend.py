@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from agentmesh.settings import Settings
 from bus.entry import Outgoing
 from bus.streams import Streams
+from outbox.operator import NO_SESSION, record_operator_action
 from outbox.relay import Relay
 
 Progress = Callable[[int, int], None]
@@ -56,26 +57,53 @@ class ResendResult:
     remaining: int = 0  # republish: still waiting for a relay when the wait ended
 
 
+@dataclass(frozen=True, kw_only=True)
+class Actor:
+    """Who asked for a re-send and why: recorded in the audit log like any operator action."""
+
+    operator: str
+    reason: str = ""
+
+
+async def _record(
+    conn: asyncpg.Connection, actor: Actor | None, action: str, sel: Selection
+) -> None:
+    if actor is None:
+        return
+    await record_operator_action(
+        conn,
+        operator=actor.operator,
+        action=action,
+        reason=actor.reason,
+        target=f"session {sel.session_id}" if sel.session_id else f"since {sel.since}",
+        session_id=sel.session_id or NO_SESSION,
+        detail={"session_id": sel.session_id, "since": str(sel.since) if sel.since else None},
+    )
+
+
 async def republish(
     s: Settings,
     sel: Selection,
     *,
     wait_s: float = 120.0,
     progress: Progress | None = None,
+    actor: Actor | None = None,
 ) -> ResendResult:
     """Mark the selected published rows unpublished, then relay them (this process takes every
     free slot; slots of running relays are theirs to send). Waits up to `wait_s`."""
     cond, args = sel.where(1)
     conn = await asyncpg.connect(s.postgres_dsn)
     try:
-        ids: list[int] = [
-            r["id"]
-            for r in await conn.fetch(
-                f"""UPDATE mesh_outbox SET published_at = NULL
-                    WHERE published_at IS NOT NULL AND {cond} RETURNING id""",
-                *args,
-            )
-        ]
+        async with conn.transaction():
+            ids: list[int] = [
+                r["id"]
+                for r in await conn.fetch(
+                    f"""UPDATE mesh_outbox SET published_at = NULL
+                        WHERE published_at IS NOT NULL AND {cond} RETURNING id""",
+                    *args,
+                )
+            ]
+            await _record(conn, actor, "outbox.republish", sel)
         await conn.execute("NOTIFY mesh_outbox")
     finally:
         await conn.close()
@@ -107,7 +135,12 @@ async def republish(
 
 
 async def redrive(
-    s: Settings, sel: Selection, *, chunk: int = 500, progress: Progress | None = None
+    s: Settings,
+    sel: Selection,
+    *,
+    chunk: int = 500,
+    progress: Progress | None = None,
+    actor: Actor | None = None,
 ) -> ResendResult:
     """XADD the selected handoff rows onto their streams again, in outbox order."""
     cond, args = sel.where(1)
@@ -115,6 +148,7 @@ async def redrive(
     redis = Redis.from_url(s.redis_url)
     res = ResendResult()
     try:
+        await _record(conn, actor, "outbox.redrive", sel)
         rows = await conn.fetch(
             f"""SELECT stream, event_id::text AS event_id, envelope FROM mesh_outbox
                 WHERE stream IS NOT NULL AND {cond} ORDER BY id""",

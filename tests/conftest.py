@@ -47,6 +47,37 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                     rep.sections.append((f"server log {name}", text))
 
 
+_ledger_audit: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_refund_paid_twice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Across the whole session, every ledger the payment gateway stand-in wrote (one per test
+    that ran it, the demo's included) shows no ticket paid twice. A double payment fails the
+    run here even if the test that caused it did not look."""
+    yield
+    from agents.examples.refund_desk.gateway_standin import paid_twice, read_ledger
+
+    files = sorted(tmp_path_factory.getbasetemp().glob("**/*ledger.jsonl"))
+    refunds = 0
+    doubled: dict[str, dict[str, int]] = {}
+    for f in files:
+        entries = read_ledger(f)
+        refunds += len(entries)
+        if twice := paid_twice(entries):
+            doubled[str(f)] = twice
+    _ledger_audit.append(
+        f"gateway stand-in ledgers: {len(files)} files, {refunds} refunds, "
+        f"{sum(len(t) for t in doubled.values())} tickets paid twice"
+    )
+    assert not doubled, f"refunds paid twice: {doubled}"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _ledger_audit:
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture(autouse=True)
 def _forget_processes() -> Iterator[None]:
     _started.clear()

@@ -12,6 +12,8 @@ from agents.examples.refund_desk.gateway_standin import (
     GatewayConfig,
     PaymentGatewayStandIn,
     Reply,
+    paid_twice,
+    read_ledger,
     request_json,
 )
 
@@ -75,3 +77,17 @@ async def test_bad_requests_get_clear_errors_and_pay_nothing() -> None:
         assert [e["amount_cents"] for e in listed.body["refunds"]] == [100]
         assert (await request_json("127.0.0.1", port, "GET", "/nope")).status == 404
         assert len(gateway.ledger) == 1
+
+
+async def test_a_restarted_gateway_still_knows_the_keys_it_paid(tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    async with running(GatewayConfig(ledger_path=ledger)) as (_, port):
+        first = await refund(port, "k-1")
+    async with running(GatewayConfig(ledger_path=ledger)) as (gateway, port):
+        again = await refund(port, "k-1")
+        other_body = await refund(port, "k-1", amount=900)
+    assert first.status == again.status == 201
+    assert again.body["replayed"] and again.body["refund_id"] == first.body["refund_id"]
+    assert other_body.status == 422  # the reloaded key still guards its body
+    assert len(read_ledger(ledger)) == 1 and paid_twice(read_ledger(ledger)) == {}
+    assert len(gateway.ledger) == 1

@@ -135,6 +135,17 @@ async def test_gateway_outage_then_every_refund_is_paid_once(
     paid = desk.gateway.paid()
     assert len(paid) == 13 and set(paid.values()) == {1}
     assert await redis.xlen("mesh:dlq") == 0
+    # The breaker opened during the outage (the report counts openings: with a 2 s reset it is
+    # open for moments only) and is closed again now that refunds go through.
+    status = await asyncio.to_thread(mesh, desk.env, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    gateway = [b for b in json.loads(status.stdout)["breakers"] if b["agent"] == "payments"]
+    assert len(gateway) == 2 and all(b["dependency"] == "gateway" for b in gateway)
+    assert sum(b["opened"] for b in gateway) >= 1, gateway
+    opened = [b for b in gateway if b["opened"]]
+    assert all(b["last_opened_at"] for b in opened)
+    human = await asyncio.to_thread(mesh, desk.env, "status")
+    assert "x, last" in human.stdout, human.stdout  # "opened: 2x, last 4.1s ago"
 
 
 async def test_malformed_tickets_reach_the_dlq_with_reasons(desk: Desk, redis: Redis) -> None:

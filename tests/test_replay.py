@@ -136,19 +136,29 @@ async def test_republish_and_redrive_resend_and_readers_dedup(
     out = await asyncio.to_thread(mesh, audit_env, "replay", "no-such-session")
     assert out.returncode == 1 and "no events for session 'no-such-session'" in out.stderr
 
-    # republish one session: Kafka gets a second copy of each of its 5 events
+    # republish one session: Kafka gets a second copy of each of its 5 events, and the
+    # operator's request is itself in the session's log
+    alice = {**audit_env, "MESH_OPERATOR": "alice"}
     out = await asyncio.to_thread(
-        mesh, audit_env, "outbox", "republish", "--session", "rp-1", "--json"
+        mesh, alice, "outbox", "republish", "--session", "rp-1", "--reason", "topic lost", "--json"
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"matched": 5, "sent": 5, "skipped": 0, "remaining": 0}
+
+    async def replayed_with_operator() -> Any:
+        rep = await replay_session(s, "rp-1")
+        return rep if len(rep.events) == 6 else None
+
+    after = await eventually(replayed_with_operator, what="republish recorded in the log")
     copies = [r for r in await read_topic(s) if r.key == b"rp-1"]
-    assert len(copies) == 10
-    after = await replay_session(s, "rp-1")
-    assert [e.envelope.event_id for e in after.events] == [
+    assert len(copies) == 11  # 5 events twice, the operator's action once
+    assert [e.envelope.event_id for e in after.events[:5]] == [
         e.envelope.event_id for e in before.events
     ]
     assert after.duplicates == 5
+    op = after.events[5].envelope
+    assert op.type == "mesh.operator" and op.payload["operator"] == "alice"
+    assert op.payload["action"] == "outbox.republish" and op.payload["reason"] == "topic lost"
 
     # Redis loses the handoff streams (and their dedup keys) of its last second
     finals = len(await stream_events(redis, "t:final"))
@@ -169,6 +179,13 @@ async def test_republish_and_redrive_resend_and_readers_dedup(
     n = await pg.fetchval("SELECT count(*) FROM mesh_actions WHERE agent = 'finisher'")
     assert n == 2
     assert len(await stream_events(redis, "t:final")) == finals
+    ops = await pg.fetch(
+        "SELECT session_id, envelope FROM mesh_outbox WHERE type = 'mesh.operator' ORDER BY id"
+    )
+    assert [(r["session_id"], json.loads(r["envelope"])["payload"]["action"]) for r in ops] == [
+        ("rp-1", "outbox.republish"),
+        ("rp-1", "outbox.redrive"),
+    ]
 
     # --since covers both sessions: rp-2's job.done was lost with the stream too
     out = await asyncio.to_thread(
@@ -179,6 +196,12 @@ async def test_republish_and_redrive_resend_and_readers_dedup(
     await eventually(lambda: _group_done(redis), what="finisher acked rp-2's job.done")
     n = await pg.fetchval("SELECT count(*) FROM mesh_actions WHERE agent = 'finisher'")
     assert n == 2 and len(await stream_events(redis, "t:final")) == finals
+    last = await pg.fetchrow(
+        "SELECT session_id, envelope FROM mesh_outbox WHERE type = 'mesh.operator' "
+        "ORDER BY id DESC LIMIT 1"
+    )
+    assert last["session_id"] == "operator"  # many sessions: filed under the operator's own
+    assert json.loads(last["envelope"])["payload"]["target"].startswith("since 2000-01-01")
 
 
 async def _group_done(redis: Redis) -> bool:

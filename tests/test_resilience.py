@@ -63,3 +63,27 @@ async def test_breaker_opens_then_lets_a_probe_through() -> None:
     assert dep.state == "half-open"
     assert await dep.call(fn) == "ok"
     assert dep.state == "closed"
+
+
+async def test_openings_are_counted_and_each_change_is_signalled() -> None:
+    changes: list[str] = []
+    dep = Dependency(
+        DependencySpec(name="d", fail_max=1, reset_timeout_s=0.05, retry=RetryPolicy(attempts=1)),
+        on_change=lambda: changes.append("changed"),
+    )
+    assert dep.report() == {"state": "closed", "opened": 0, "last_opened_at": None}
+    fn = Flaky(2)
+    with pytest.raises((ConnectionError, CircuitBreakerError)):
+        await dep.call(fn)
+    assert dep.opened == 1 and dep.last_opened_at is not None
+    await asyncio.sleep(0.06)
+    with pytest.raises(
+        (ConnectionError, CircuitBreakerError)
+    ):  # the half-open probe fails: open again
+        await dep.call(fn)
+    assert dep.opened == 2
+    await asyncio.sleep(0.06)
+    assert await dep.call(fn) == "ok"
+    assert dep.report()["state"] == "closed" and dep.opened == 2
+    # closed -> open, open -> half-open, half-open -> open, open -> half-open, -> closed
+    assert len(changes) == 5

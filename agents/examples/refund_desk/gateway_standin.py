@@ -48,6 +48,15 @@ class PaymentGatewayStandIn:
         self._locks: dict[str, asyncio.Lock] = {}
         self.ledger: list[dict[str, Any]] = []
         self.calls = 0
+        if config.ledger_path is not None and config.ledger_path.exists():
+            self._reload(config.ledger_path)
+
+    def _reload(self, path: Path) -> None:
+        """A restarted gateway still knows the keys it paid, as a real one does: without this a
+        retry after a gateway restart would pay a second time."""
+        for entry in read_ledger(path):
+            self.ledger.append(entry)
+            self._answers[entry["idempotency_key"]] = (entry.get("request", ""), _paid(entry))
 
     def in_outage(self) -> bool:
         now = time.monotonic() - self.started
@@ -93,9 +102,10 @@ class PaymentGatewayStandIn:
                 "ticket_id": ticket,
                 "amount_cents": amount,
                 "paid_at": time.time(),
+                "request": fingerprint,
             }
             self._record(entry)
-            reply = Reply(status=201, body={**entry, "replayed": False})
+            reply = _paid(entry)
             self._answers[key] = (fingerprint, reply)
             return reply
 
@@ -146,6 +156,24 @@ class PaymentGatewayStandIn:
         if method == "GET" and path == "/healthz":
             return Reply(status=200, body={"outage": self.in_outage()})
         return Reply(status=404, body={"error": f"no route {method} {path}"})
+
+
+def _paid(entry: dict[str, Any]) -> Reply:
+    body = {k: v for k, v in entry.items() if k != "request"}
+    return Reply(status=201, body={**body, "replayed": False})
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    """The stand-in's own ledger: one JSON line per refund it paid."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def paid_twice(entries: list[dict[str, Any]]) -> dict[str, int]:
+    """Tickets paid more than once in one ledger, with their count (empty: none)."""
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e["ticket_id"]] = counts.get(e["ticket_id"], 0) + 1
+    return {ticket: n for ticket, n in counts.items() if n > 1}
 
 
 async def request_json(
