@@ -130,10 +130,14 @@ def _print_status(rows: list[Any], as_json: bool) -> None:
     if as_json:
         emit_json([r.__dict__ for r in rows])
         return
+    from agentmesh import localprocs
+
     table = Table("service", "state", "pid", "address", "detail")
     for r in rows:
         state = "[green]running[/]" if r.running else "[red]stopped[/]"
         table.add_row(r.name, state, str(r.pid or "-"), r.address, r.detail)
+    for p in localprocs.listed(stack_config(settings())):
+        table.add_row(p.name, "[green]running[/]", str(p.pid), "-", "mesh process")
     out.print(table)
 
 
@@ -161,9 +165,14 @@ def dev_up(services: ServicesArg = None, as_json: JsonOpt = False) -> None:
 @dev_app.command("down")
 def dev_down(services: ServicesArg = None) -> None:
     """Stop the local stack; no process is left behind. Data stays in the data dir."""
-    from agentmesh import devstack
+    from agentmesh import devstack, localprocs
 
-    devstack.down(stack_config(settings()), _services(services))
+    cfg = stack_config(settings())
+    if not services:  # the agents, relay and gateway stand-in `mesh demo --keep` left running
+        n = localprocs.stop(cfg)
+        if n:
+            out.print(f"stopped {n} mesh process(es) (agents, relay, gateway stand-in)")
+    devstack.down(cfg, _services(services))
     out.print("local stack stopped")
 
 
@@ -394,7 +403,15 @@ def demo(
         str, typer.Option("--mesh", help="refund (the refund desk) or planner (two agents).")
     ] = "refund",
     tasks: Annotated[int, typer.Option(min=1, max=1000, help="Tasks (--mesh planner).")] = 3,
-    keep: Annotated[bool, typer.Option(help="Leave the local stack running afterwards.")] = False,
+    keep: Annotated[
+        bool, typer.Option(help="Leave the desk (agents, relay, gateway, stack) running.")
+    ] = False,
+    publish_seconds: Annotated[
+        float, typer.Option(min=0.5, max=600, help="Tickets flow in over this many seconds.")
+    ] = 8.0,
+    outage_seconds: Annotated[
+        float, typer.Option(min=0, max=600, help="Gateway outage, 2 s after the first ticket.")
+    ] = 4.0,
 ) -> None:
     """The refund desk end to end: stack up, every agent a process, tickets, summary, stop."""
     s = settings()
@@ -408,9 +425,11 @@ def demo(
         return
     if mesh_name != "refund":
         fail(f"unknown mesh {mesh_name!r}; choose refund or planner", EXIT_INPUT)
-    from agentmesh.refund_demo import run_refund_demo
+    from agentmesh.refund_demo import DemoPlan, run_refund_demo
 
-    r = run_refund_demo(s, stack_config(s), tickets=tickets, keep=keep, console=out)
+    plan = DemoPlan(tickets=tickets, publish_s=publish_seconds, outage_s=outage_seconds,
+                    outage_at_s=min(2.0, publish_seconds / 3))  # fmt: skip
+    r = run_refund_demo(s, stack_config(s), plan=plan, keep=keep, console=out)
     out.print(f"done in {r.elapsed_s:.1f} s")
     if not r.ok:
         fail("not every ticket settled (see the summary above)", EXIT_FAILED)

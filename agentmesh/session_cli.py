@@ -160,8 +160,9 @@ def _decide(session: str, decision: str, reason: str, module: str | None, as_jso
     if as_json:
         emit_json(result)
     else:
+        done = {"approve": "approved", "reject": "rejected"}[decision]
         out.print(
-            f"{decision}d session {session} ({result['step']}) as {result['operator']}; "
+            f"{done} session {session} ({result['step']}) as {result['operator']}; "
             f"event {result['event_id']}"
         )
 

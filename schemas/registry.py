@@ -114,6 +114,12 @@ class Registry:
             raise MalformedJSON(f"not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise MalformedEnvelope("envelope must be a JSON object")
+        if not data.get("event_id"):
+            # Defaulting it here would give every redelivery of these bytes a new id, and so a
+            # new idempotency key: the same message would be handled once per delivery.
+            raise MalformedEnvelope(
+                "event_id is required on the wire (a UUID, the same on retries)"
+            )
         try:
             env = Envelope.model_validate(data)
         except ValidationError as exc:

@@ -84,6 +84,12 @@ def test_old_versions_are_upcast() -> None:
         (b"{nope", MalformedJSON),
         (b"[1, 2]", MalformedEnvelope),
         (json.dumps({"type": "user.joined"}).encode(), MalformedEnvelope),
+        (  # no event_id: a redelivery could not be told from a new event
+            json.dumps(
+                {"session_id": "s", "type": "user.joined", "payload": {"full_name": "A"}}
+            ).encode(),
+            MalformedEnvelope,
+        ),
         (Envelope(session_id="s", type="nope").to_wire(), UnknownEventType),
         (
             Envelope(session_id="s", type="user.joined", schema_version=4).to_wire(),
