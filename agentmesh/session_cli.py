@@ -8,6 +8,7 @@ deduplicated XADD) with the step's shared idempotency key, and is recorded as a
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -153,10 +154,15 @@ def reject_cmd(
 
 
 def _decide(session: str, decision: str, reason: str, module: str | None, as_json: bool) -> None:
-    from agentmesh.cli import emit_json, load_agents, out, run
+    """Publish the decision, then wait (briefly) to see it acted on. Two decisions can race:
+    another operator's, or the deadline sweep's. They share one idempotency key, so the agent
+    acts on the first and skips the rest; this tells the operator which one that was."""
+    from agentmesh.cli import EXIT_FAILED, emit_json, err, load_agents, out, run
 
     load_agents(module)
     result = run(_publish_decision(session, decision, reason))
+    result["acted_on"] = run(_acted_on(result))
+    won = result["acted_on"]["event_id"] in (None, result["event_id"])
     if as_json:
         emit_json(result)
     else:
@@ -165,6 +171,54 @@ def _decide(session: str, decision: str, reason: str, module: str | None, as_jso
             f"{done} session {session} ({result['step']}) as {result['operator']}; "
             f"event {result['event_id']}"
         )
+        if result["acted_on"]["event_id"] is None:
+            err.print(f"note: {result['agent']} has not acted on it yet (is it running?)")
+    if not won:
+        other = result["acted_on"]
+        err.print(
+            f"error: another decision on this step was acted on first: {other['decision']} by "
+            f"{other['operator']}; yours was skipped",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_FAILED)
+
+
+DECISION_WAIT_S = 10.0
+
+
+async def _acted_on(result: dict[str, Any]) -> dict[str, Any]:
+    """Which decision the waiting agent acted on: {event_id, decision, operator}, or
+    event_id None if it has not acted within DECISION_WAIT_S."""
+    import asyncio
+
+    import asyncpg
+
+    from agentmesh.cli import settings
+    from schemas.approval import decision_key
+
+    conn = await asyncpg.connect(settings().postgres_dsn)
+    try:
+        deadline = time.monotonic() + DECISION_WAIT_S
+        key = decision_key(result["session_id"], result["step"])
+        while True:
+            acted = await conn.fetchval(
+                "SELECT input_event_id::text FROM mesh_actions "
+                "WHERE agent = $1 AND idempotency_key = $2",
+                result["agent"],
+                key,
+            )
+            if acted or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        if acted is None or acted == result["event_id"]:
+            return {"event_id": acted, "decision": result["decision"],
+                    "operator": result["operator"]}  # fmt: skip
+        raw = await conn.fetchval("SELECT envelope FROM mesh_outbox WHERE event_id = $1", acted)
+        payload = json.loads(raw)["payload"] if raw else {}
+        return {"event_id": acted, "decision": payload.get("decision", "?"),
+                "operator": payload.get("operator", "?")}  # fmt: skip
+    finally:
+        await conn.close()
 
 
 async def _publish_decision(session: str, decision: str, reason: str) -> dict[str, Any]:

@@ -101,6 +101,33 @@ async def test_auto_human_approved_rejected_refused_and_over_limit(
     assert one.returncode == 0 and json.loads(one.stdout)["outcome"] == "refunded"
 
 
+async def test_two_operators_racing_on_one_approval_one_wins_the_other_is_told(
+    desk: Desk, pg: asyncpg.Connection
+) -> None:
+    desk.publish("s-race", **ticket(9, amount=90_000))
+    await desk.until("s-race", "waiting")
+    env_a = {**desk.env, "MESH_OPERATOR": "ann"}
+    env_b = {**desk.env, "MESH_OPERATOR": "bob"}
+    approve, reject = await asyncio.gather(
+        asyncio.to_thread(mesh, env_a, "approve", "s-race", "--json"),
+        asyncio.to_thread(mesh, env_b, "reject", "s-race", "--reason", "looks fake", "--json"),
+    )
+    codes = sorted([approve.returncode, reject.returncode])
+    assert codes == [0, 1], (approve.stdout + approve.stderr, reject.stdout + reject.stderr)
+    winner = "approve" if approve.returncode == 0 else "reject"
+    loser = reject if winner == "approve" else approve
+    # the loser saw the step already decided, or published and was told it was skipped
+    assert "not waiting" in loser.stderr or "acted on first" in loser.stderr, loser.stderr
+    ended = await desk.until("s-race", "ended")
+    assert ended["outcome"] == ("refunded" if winner == "approve" else "rejected")
+    assert desk.gateway.paid() == ({"T-9": 1} if winner == "approve" else {})
+    acted = await pg.fetch(
+        "SELECT result FROM mesh_actions WHERE session_id = 's-race' AND agent = 'risk' "
+        "AND input_type = 'approval.decided'"
+    )
+    assert len(acted) == 1  # one decision acted on, whatever the interleaving
+
+
 @pytest.mark.desk(REFUND_APPROVAL_DEADLINE_S="2")
 async def test_a_session_waiting_past_its_deadline_is_compensated(
     desk: Desk, pg: asyncpg.Connection
