@@ -307,8 +307,10 @@ def _spawn(
     env: dict[str, str] | None = None,
     account: tuple[int, int] | None = None,
     cwd: Path | None = None,
+    pidfile: bool = True,
 ) -> int:
-    """Start cmd detached (own session), logs to root/logs/name.log, pid to root/run."""
+    """Start cmd detached (own session), logs to root/logs/name.log, pid to root/run
+    (unless `pidfile` is False: the caller keeps its own record, as localprocs does)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with _open_log(cfg, name, cmd) as log:
         try:
@@ -328,7 +330,8 @@ def _spawn(
         except OSError as exc:
             raise _fail(cfg, name, f"cannot start {cmd[0]}: {exc}") from exc
     _CHILDREN[proc.pid] = proc
-    cfg.pid_file(name).write_text(f"{proc.pid}\n")
+    if pidfile:
+        cfg.pid_file(name).write_text(f"{proc.pid}\n")
     return proc.pid
 
 

@@ -205,12 +205,21 @@ def dlq_edit(
     payload: Annotated[
         str | None, typer.Option("--payload", "-p", help="New payload: JSON, @file or -.")
     ] = None,
+    envelope: Annotated[
+        str | None,
+        typer.Option(
+            "--envelope",
+            help="A whole new envelope (JSON, @file or -), for an entry whose envelope itself "
+            "is broken, e.g. without an event_id.",
+        ),
+    ] = None,
     reason: Annotated[str, typer.Option("--reason", help="Why (recorded in the audit log).")] = "",
     module: ModuleOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fix an entry's payload (from --payload, or in $EDITOR), re-validated before it is kept.
-    The edited entry gets a new DLQ id; `mesh dlq retry NEW_ID` re-drives it."""
+    """Fix an entry's payload (from --payload, or in $EDITOR) or its whole envelope
+    (--envelope), re-validated before it is kept. The edited entry gets a new DLQ id;
+    `mesh dlq retry NEW_ID` re-drives it."""
     from agentmesh.cli import (
         EXIT_FAILED,
         EXIT_INPUT,
@@ -223,20 +232,32 @@ def dlq_edit(
     )
 
     load_agents(module)
+    if payload is not None and envelope is not None:
+        fail("give --payload or --envelope, not both", EXIT_INPUT)
     (entry,) = _select(ident, False, (None,) * 5)
-    if not isinstance(entry.envelope, dict):
-        fail(f"entry {ident} is not a JSON envelope; its payload cannot be edited", EXIT_FAILED)
-    new_payload = (
-        read_payload(payload) if payload is not None else _in_editor(entry.envelope.get("payload"))
-    )
-    if not isinstance(new_payload, dict):
-        fail("payload must be a JSON object", EXIT_INPUT)
-    edited = {**entry.envelope, "payload": new_payload}
+    if envelope is not None:
+        edited = read_payload(envelope)
+        if not isinstance(edited, dict):
+            fail("envelope must be a JSON object", EXIT_INPUT)
+        new_payload = edited.get("payload")
+        what = "envelope"
+    else:
+        if not isinstance(entry.envelope, dict):
+            fail(f"entry {ident} is not a JSON envelope: fix it whole with --envelope", EXIT_FAILED)
+        new_payload = (
+            read_payload(payload)
+            if payload is not None
+            else _in_editor(entry.envelope.get("payload"))
+        )
+        if not isinstance(new_payload, dict):
+            fail("payload must be a JSON object", EXIT_INPUT)
+        edited = {**entry.envelope, "payload": new_payload}
+        what = "payload"
     raw = json.dumps(edited, separators=(",", ":")).encode()
     invalid = _validate(raw)
     if invalid:
-        fail(f"edited payload is still invalid, nothing changed: {invalid}", EXIT_INPUT)
-    new_id, audit_id = run(_edit(entry, raw, reason, new_payload))
+        fail(f"edited {what} is still invalid, nothing changed: {invalid}", EXIT_INPUT)
+    new_id, audit_id = run(_edit(entry, raw, reason, edited))
     if new_id is None:
         fail(f"DLQ entry {ident} is already gone (another operator acted)", EXIT_FAILED)
     if as_json:
@@ -269,7 +290,9 @@ def _in_editor(payload: Any) -> Any:
         fail(f"edited payload is not valid JSON, nothing changed: {exc}", EXIT_INPUT)
 
 
-async def _edit(entry: DlqEntry, raw: bytes, why: str, payload: Any) -> tuple[str | None, str]:
+async def _edit(
+    entry: DlqEntry, raw: bytes, why: str, edited: dict[str, Any]
+) -> tuple[str | None, str]:
     import asyncpg
     from redis.asyncio import Redis
 
@@ -291,10 +314,10 @@ async def _edit(entry: DlqEntry, raw: bytes, why: str, payload: Any) -> tuple[st
             action="dlq.edit",
             reason=why,
             target=entry.id,
-            session_id=entry.envelope.get("session_id"),
-            event_id=entry.envelope.get("event_id"),
+            session_id=edited.get("session_id"),
+            event_id=edited.get("event_id"),
             stream=entry.stream,
-            detail={"before": entry.envelope.get("payload"), "after": payload},
+            detail=_before_after(entry.envelope, edited),
         )
         fields = {
             **page[0][1],
@@ -307,3 +330,14 @@ async def _edit(entry: DlqEntry, raw: bytes, why: str, payload: Any) -> tuple[st
     finally:
         await conn.close()
         await redis.aclose()
+
+
+def _before_after(before: Any, after: dict[str, Any]) -> dict[str, Any]:
+    """What the audit log keeps of an edit: the payloads, and the envelope fields that changed."""
+    old = before if isinstance(before, dict) else {"unreadable": str(before)[:2000]}
+    changed = sorted(k for k in {*old, *after} - {"payload"} if old.get(k) != after.get(k))
+    return {
+        "before": old.get("payload"),
+        "after": after.get("payload"),
+        "envelope_fields_changed": {k: [old.get(k), after.get(k)] for k in changed},
+    }

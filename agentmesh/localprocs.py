@@ -9,7 +9,6 @@ A pidfile holds the pid and the process's command line; a pid is only ever signa
 from __future__ import annotations
 
 import signal
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,21 +35,10 @@ def _dir(cfg: StackConfig) -> Path:
 def start(cfg: StackConfig, name: str, cmd: Sequence[str], env: dict[str, str]) -> LocalProcess:
     """Start cmd in its own session; its output goes to root/logs/<name>.log."""
     _dir(cfg).mkdir(parents=True, exist_ok=True)
-    cfg.logs_dir.mkdir(parents=True, exist_ok=True)
-    with cfg.log_file(name).open("ab") as log:
-        proc = subprocess.Popen(
-            list(cmd),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-        )
-    devstack._CHILDREN[proc.pid] = proc  # reaped by devstack._alive, not left as a zombie
+    pid = devstack._spawn(cfg, name, cmd, env=env, pidfile=False)
     line = " ".join(cmd)
-    (_dir(cfg) / f"{name}.pid").write_text(f"{proc.pid}\n{line}\n")
-    return LocalProcess(name, proc.pid, line)
+    (_dir(cfg) / f"{name}.pid").write_text(f"{pid}\n{line}\n")
+    return LocalProcess(name, pid, line)
 
 
 def listed(cfg: StackConfig) -> list[LocalProcess]:

@@ -93,6 +93,60 @@ async def test_poison_ticket_is_edited_retried_and_audited(
     assert types.index("mesh.operator") < types.index("mesh.action")  # re-driven, then handled
 
 
+async def test_an_envelope_without_event_id_is_fixed_whole_with_envelope(
+    redis: Redis,
+    pg: asyncpg.Connection,
+    base_env: dict[str, str],
+    agents: Callable[..., AgentProcess],
+) -> None:
+    env = {**base_env, "MESH_OPERATOR": "carol"}
+    good = job(8, session="s-noid")
+    no_id = json.loads(good.to_json())
+    del no_id["event_id"], no_id["idempotency_key"]  # a producer that forgot the id
+    await redis.xadd("t:jobs", {"envelope": json.dumps(no_id)})
+    agents("worker")
+
+    async def dead_lettered() -> bool:
+        return len(await _dlq_ids(env)) == 1
+
+    await eventually(dead_lettered, timeout=30, what="the id-less message in the DLQ")
+    (row,) = await _dlq_ids(env)
+    assert row["reason"] == "malformed_envelope" and "event_id" in str(row["error"])
+    dlq_id = str(row["id"])
+    payload_only = await asyncio.to_thread(
+        mesh, env, "dlq", "edit", dlq_id, "--payload", '{"n": 8}'
+    )
+    assert payload_only.returncode == 2 and "event_id" in payload_only.stderr
+    both = await asyncio.to_thread(
+        mesh, env, "dlq", "edit", dlq_id, "--payload", "{}", "--envelope", "{}"
+    )
+    assert both.returncode == 2 and "not both" in both.stderr
+
+    fixed = {**no_id, "event_id": good.event_id}
+    edit = ["dlq", "edit", dlq_id, "--envelope", json.dumps(fixed), "--reason", "gave it an id"]
+    edited = await asyncio.to_thread(mesh, env, *edit, "--json")
+    assert edited.returncode == 0, edited.stderr
+    new_id = json.loads(edited.stdout)["new_id"]
+    retried = await asyncio.to_thread(mesh, env, "dlq", "retry", new_id, "--json")
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+
+    async def handled() -> bool:
+        return bool(
+            await pg.fetchval(
+                "SELECT count(*) FROM mesh_actions WHERE input_event_id = $1::uuid", good.event_id
+            )
+        )
+
+    await eventually(handled, timeout=30, what="the repaired message handled")
+    audit = await pg.fetchval(
+        "SELECT envelope FROM mesh_outbox WHERE type = 'mesh.operator' AND session_id = 's-noid' "
+        "AND envelope::jsonb->'payload'->>'action' = 'dlq.edit'"
+    )
+    detail = json.loads(audit)["payload"]["detail"]
+    assert detail["envelope_fields_changed"]["event_id"] == [None, good.event_id]
+    assert json.loads(audit)["payload"]["operator"] == "carol"
+
+
 async def test_drop_requires_a_reason_and_filters_select(
     redis: Redis, pg: asyncpg.Connection, base_env: dict[str, str]
 ) -> None:
