@@ -217,9 +217,10 @@ def dlq_edit(
     module: ModuleOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fix an entry's payload (from --payload, or in $EDITOR) or its whole envelope
-    (--envelope), re-validated before it is kept. The edited entry gets a new DLQ id;
-    `mesh dlq retry NEW_ID` re-drives it."""
+    """Fix an entry's payload (--payload or $EDITOR) or whole envelope (--envelope).
+
+    The result is re-validated before it is kept, and gets a new DLQ id; `mesh dlq retry
+    NEW_ID` re-drives it."""
     from agentmesh.cli import (
         EXIT_FAILED,
         EXIT_INPUT,

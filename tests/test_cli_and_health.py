@@ -31,6 +31,45 @@ def test_publish_rejects_bad_input_with_one_line_and_exit_2(base_env: dict[str, 
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+OPERATOR_BAD_INPUT = [  # (args, exit code, what stderr must say)
+    (["sessions", "--status", "bogus"], 2, "unknown status"),
+    (["sessions", "--limit", "0"], 2, "--limit"),
+    (["session", "nope", "--json"], 1, "no session 'nope'"),
+    (["approve", "nope"], 1, "not waiting"),
+    (["reject", "nope"], 2, "--reason"),
+    (["reject", "nope", "--reason", " "], 2, "--reason must say why"),
+    (["dlq", "list", "--older-than", "soon"], 2, "bad age"),
+    (["dlq", "show", "0-1", "--json"], 1, "no DLQ entry"),
+    (["dlq", "show", "not-an-id"], 2, "bad DLQ id"),
+    (["dlq", "retry"], 2, "choose the entries"),
+    (["dlq", "retry", "0-1", "--all"], 2, "exactly one"),
+    (["dlq", "drop", "0-1"], 2, "--reason"),
+    (["dlq", "drop", "0-1", "--reason", "x", "--json"], 1, "no DLQ entry"),
+    (["dlq", "edit", "0-1", "--payload", "{}"], 1, "no DLQ entry"),
+    (["demo", "--mesh", "nope"], 2, "unknown mesh"),
+    (["demo", "--tickets", "1"], 2, "--tickets"),
+    (["replay", "nope", "--until", "yesterday"], 2, "neither an event id"),
+    (["outbox", "republish", "--reason", "x"], 2, "exactly one of --session or --since"),
+    (["publish", "refund:tickets", "-t", "ticket.submitted", "-p", '{"ticket_id": ""}'], 2,
+     "ticket_id"),
+]  # fmt: skip
+
+
+def test_operator_commands_refuse_bad_input_with_a_clear_error(base_env: dict[str, str]) -> None:
+    env = {**base_env, "MESH_AGENTS_MODULE": "agents.examples.refund_desk"}
+    for args, code, says in OPERATOR_BAD_INPUT:
+        r = mesh(env, *args)
+        assert r.returncode == code, (args, r.stdout, r.stderr)
+        assert says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert r.stdout == "", (args, r.stdout)  # nothing half-printed, --json or not
+
+
+def test_config_json_is_the_settings_in_force(base_env: dict[str, str]) -> None:
+    r = mesh(base_env, "config", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["redis_url"] == base_env["MESH_REDIS_URL"]
+
+
 async def test_publish_from_stdin_writes_a_valid_envelope(
     base_env: dict[str, str], redis: Redis
 ) -> None:
