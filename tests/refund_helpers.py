@@ -57,6 +57,10 @@ class Gateway:
             self.proc.kill()
             self.proc.wait(10)
 
+    def refund_ids(self) -> dict[str, str]:
+        lines = self.ledger.read_text().splitlines()
+        return {e["ticket_id"]: e["refund_id"] for e in map(json.loads, filter(None, lines))}
+
     def paid(self) -> Counter[str]:
         """Refunds in the gateway's own ledger, by ticket (a count above 1 is a double payment)."""
         lines = self.ledger.read_text().splitlines()
@@ -68,12 +72,16 @@ class Desk:
     env: dict[str, str]
     gateway: Gateway
     procs: list[AgentProcess] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)  # the desk's env beyond base_env
 
     def publish(self, session: str, *args: str, **ticket: Any) -> Any:
         r = mesh(self.env, "publish", "refund:tickets", "-t", "ticket.submitted", "-s", session,
                  "-p", json.dumps(ticket), "--json", *args)  # fmt: skip
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
+
+    async def sessions_now(self) -> dict[str, dict[str, Any]]:
+        return await asyncio.to_thread(self.sessions)
 
     def sessions(self) -> dict[str, dict[str, Any]]:
         r = mesh(self.env, "sessions", "--json", "--limit", "1000")
@@ -108,8 +116,7 @@ def start_desk(
         **extra,
     }
     desk = Desk(env=env, gateway=gw)
+    desk.extra = {k: v for k, v in env.items() if k not in base_env or base_env[k] != v}
     for name in ("intake", "risk", "payments", "payments", "notifier"):
-        desk.procs.append(
-            agents(name, **{k: v for k, v in env.items() if k not in base_env or base_env[k] != v})
-        )
+        desk.procs.append(agents(name, **desk.extra))
     return desk

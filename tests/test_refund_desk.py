@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import AgentProcess
+from tests.conftest import AgentProcess, eventually
 from tests.helpers import mesh
 from tests.refund_helpers import Desk, start_desk
 
@@ -175,6 +175,45 @@ async def test_gateway_outage_then_every_refund_is_paid_once(
     assert "x, last" in human.stdout, human.stdout  # "opened: 2x, last 4.1s ago"
 
 
+@pytest.mark.desk(gateway_args=("--latency", "3"), MESH_CLAIM_IDLE_MS="2000")
+async def test_payments_killed_mid_call_the_retry_after_restart_pays_once(
+    desk: Desk, agents: Callable[..., AgentProcess], redis: Redis
+) -> None:
+    """kill -9 of every payments replica while the gateway is paying: the gateway finishes the
+    payment nobody hears about; a new replica reclaims the entry, calls again with the same
+    idempotency key, gets the first answer back, and the ticket is refunded once."""
+    from agents.examples.refund_desk.gateway_standin import request_json
+
+    desk.publish("s-kill", **ticket(21))
+
+    async def in_flight() -> bool:
+        r = await request_json("127.0.0.1", desk.gateway.port, "GET", "/ledger")
+        return int(r.body["calls"]) >= 1 and not r.body["refunds"]
+
+    await eventually(in_flight, timeout=30, interval=0.05, what="the payment call in flight")
+    payments = [p for p in desk.procs if p.name == "payments"]
+    for p in payments:
+        p.kill9()
+
+    async def paid_by_gateway() -> bool:
+        return desk.gateway.paid() == {"T-21": 1}
+
+    await eventually(paid_by_gateway, timeout=10, what="the gateway finishing the payment")
+    assert (await desk.sessions_now()).get("s-kill", {}).get("status") != "ended"
+    desk.procs.append(agents("payments", **desk.extra))
+    ended = await desk.until("s-kill", "ended", timeout=60)
+    assert ended["outcome"] == "refunded"
+    assert desk.gateway.paid() == {"T-21": 1}  # called twice, paid once
+    calls = await request_json("127.0.0.1", desk.gateway.port, "GET", "/ledger")
+    assert int(calls.body["calls"]) >= 2
+    paid = [
+        json.loads(f[b"envelope"])["payload"]
+        for _, f in await redis.xrange("refund:paid")
+        if json.loads(f[b"envelope"])["session_id"] == "s-kill"
+    ]
+    assert len(paid) == 1 and paid[0]["refund_id"] == desk.gateway.refund_ids()["T-21"]
+
+
 async def test_malformed_tickets_reach_the_dlq_with_reasons(desk: Desk, redis: Redis) -> None:
     bad = mesh(
         desk.env, "publish", "refund:tickets", "-t", "ticket.submitted", "-p", '{"ticket_id": ""}'
@@ -191,8 +230,6 @@ async def test_malformed_tickets_reach_the_dlq_with_reasons(desk: Desk, redis: R
     async def dead() -> list[dict[str, object]]:
         r = await asyncio.to_thread(mesh, desk.env, "dlq", "list", "--json")
         return list(json.loads(r.stdout))
-
-    from tests.conftest import eventually
 
     (row,) = await eventually(dead, timeout=30, what="DLQ entry")
     assert row["agent"] == "intake" and row["session_id"] == "s-bad" and row["reason"]
