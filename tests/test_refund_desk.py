@@ -214,6 +214,31 @@ async def test_payments_killed_mid_call_the_retry_after_restart_pays_once(
     assert len(paid) == 1 and paid[0]["refund_id"] == desk.gateway.refund_ids()["T-21"]
 
 
+async def test_a_ticket_delivered_twice_or_resubmitted_is_paid_once(
+    desk: Desk, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    import agents.examples.refund_desk  # noqa: F401
+    from schemas import registry
+
+    env = registry.make("ticket.submitted", ticket(31), session_id="s-dup")
+    for _ in range(2):  # the same bytes twice on the stream: a producer's retry, a replay
+        await redis.xadd("refund:tickets", {"envelope": env.to_json()})
+    assert (await desk.until("s-dup", "ended"))["outcome"] == "refunded"
+    # the customer submits the same ticket again, as a new event in a new session
+    desk.publish("s-dup-again", **ticket(31))
+    assert (await desk.until("s-dup-again", "ended"))["outcome"] == "refunded"
+    assert desk.gateway.paid() == {"T-31": 1}
+    intake = await pg.fetchval(
+        "SELECT count(*) FROM mesh_actions WHERE agent = 'intake' AND session_id = 's-dup'"
+    )
+    assert intake == 1  # the second delivery was recognised, not handled again
+    replayed = await pg.fetchval(
+        "SELECT result->>'replayed' FROM mesh_actions WHERE agent = 'payments' "
+        "AND session_id = 's-dup-again'"
+    )
+    assert replayed == "true"  # the gateway answered the second session from its first payment
+
+
 async def test_malformed_tickets_reach_the_dlq_with_reasons(desk: Desk, redis: Redis) -> None:
     bad = mesh(
         desk.env, "publish", "refund:tickets", "-t", "ticket.submitted", "-p", '{"ticket_id": ""}'
