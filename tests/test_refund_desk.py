@@ -239,6 +239,44 @@ async def test_a_ticket_delivered_twice_or_resubmitted_is_paid_once(
     assert replayed == "true"  # the gateway answered the second session from its first payment
 
 
+# One delivery only, so the payment is dead-lettered before the breaker opens (once it is
+# open, payments are parked in Redis, not failed, for as long as the outage lasts).
+@pytest.mark.desk(MESH_MAX_DELIVERIES="1")
+async def test_a_payment_dead_lettered_in_a_long_outage_is_retried_by_hand_and_paid_once(
+    desk: Desk, pg: asyncpg.Connection, redis: Redis
+) -> None:
+    from agents.examples.refund_desk.gateway_standin import request_json
+
+    async def outage(seconds: float) -> None:
+        r = await request_json("127.0.0.1", desk.gateway.port, "POST", "/admin/outage",
+                               body={"seconds": seconds})  # fmt: skip
+        assert r.status == 200
+
+    await outage(600)
+    desk.publish("s-long", **ticket(41))
+
+    async def dead() -> list[dict[str, object]]:
+        r = await asyncio.to_thread(mesh, desk.env, "dlq", "list", "--agent", "payments", "--json")
+        return list(json.loads(r.stdout))
+
+    (row,) = await eventually(dead, timeout=60, what="the payment in the DLQ")
+    assert row["reason"] == "max_deliveries" and "gateway" in str(row["error"])
+    # outcome unknown: not compensated, the hold stays, the session is still open
+    assert (await desk.sessions_now())["s-long"]["status"] == "running"
+    released = await pg.fetchval(
+        "SELECT count(*) FROM mesh_outbox WHERE session_id = 's-long' AND type = 'hold.released'"
+    )
+    assert released == 0 and desk.gateway.paid() == {}
+
+    await outage(0)  # the gateway is back
+    again = await asyncio.to_thread(mesh, desk.env, "dlq", "retry", "--agent", "payments",
+                                    "--reason", "gateway back", "--json")  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (await desk.until("s-long", "ended"))["outcome"] == "refunded"
+    assert desk.gateway.paid() == {"T-41": 1}
+    assert await redis.xlen("mesh:dlq") == 0
+
+
 async def test_malformed_tickets_reach_the_dlq_with_reasons(desk: Desk, redis: Redis) -> None:
     bad = mesh(
         desk.env, "publish", "refund:tickets", "-t", "ticket.submitted", "-p", '{"ticket_id": ""}'

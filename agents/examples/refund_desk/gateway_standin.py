@@ -145,12 +145,15 @@ class PaymentGatewayStandIn:
             return await self.refund(headers.get("idempotency-key"), body)
         if method == "GET" and path == "/ledger":
             return Reply(status=200, body={"refunds": self.ledger, "calls": self.calls})
-        if method == "POST" and path == "/admin/outage":  # tests: an outage starting now
+        if method == "POST" and path == "/admin/outage":  # an outage starting now; 0 ends it
             try:
                 seconds = float(json.loads(body)["seconds"])
             except (ValueError, KeyError, TypeError):
                 return Reply(status=400, body={"error": 'body must be {"seconds": N}'})
             now = time.monotonic() - self.started
+            if seconds <= 0:  # the gateway is back: every outage window ends now
+                self.config.outages = [(a, min(b, now)) for a, b in self.config.outages]
+                return Reply(status=200, body={"outage": None})
             self.config.outages.append((now, now + seconds))
             return Reply(status=200, body={"outage": [now, now + seconds]})
         if method == "GET" and path == "/healthz":
