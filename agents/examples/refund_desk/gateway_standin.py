@@ -216,6 +216,7 @@ def _window(text: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Payment gateway STAND-IN (demo and tests only).")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 in a container")
     parser.add_argument("--port", type=int, default=8099)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per call")
     parser.add_argument("--failure-rate", type=float, default=0.0)
@@ -232,7 +233,7 @@ def main() -> None:
     )
 
     async def serve() -> None:
-        server = await asyncio.start_server(gateway.handle, "127.0.0.1", args.port)
+        server = await asyncio.start_server(gateway.handle, args.host, args.port)
         async with server:
             await server.serve_forever()
 
