@@ -8,15 +8,18 @@ payments pays through the external gateway, behind a circuit breaker, with one i
          key per ticket, so a retried or re-driven call never pays twice
 notifier tells the customer and closes the ticket (the session's end)
 
-Settings come from REFUND_* environment variables, read when the module is imported.
+Settings come from REFUND_* environment variables (DeskSettings), read and validated when
+the module is imported.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 from urllib.parse import urlparse
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agents import Agent, Context, DependencySpec, NonRetryable, RetryPolicy
 from agents.examples.refund_desk.events import (
@@ -38,10 +41,23 @@ from agents.periodic import Tick
 from schemas import registry
 from schemas.approval import Decision, decision_key, ended, waiting
 
-MAX_REFUND_CENTS = int(os.environ.get("REFUND_MAX_CENTS", "500000"))
-APPROVAL_SCORE = int(os.environ.get("REFUND_APPROVAL_SCORE", "60"))
-DEADLINE_S = float(os.environ.get("REFUND_APPROVAL_DEADLINE_S", "600"))
-GATEWAY_URL = os.environ.get("REFUND_GATEWAY_URL", "http://127.0.0.1:8099")
+
+class DeskSettings(BaseSettings):
+    """The desk's own settings, from REFUND_* environment variables, validated at start."""
+
+    model_config = SettingsConfigDict(env_prefix="REFUND_")
+
+    max_cents: int = Field(default=500_000, gt=0, description="larger tickets are rejected")
+    approval_score: int = Field(default=60, ge=0, le=101, description="from it, a human decides")
+    approval_deadline_s: float = Field(default=600.0, gt=0, description="then it expires")
+    gateway_url: str = Field(default="http://127.0.0.1:8099", pattern=r"^https?://")
+
+
+DESK = DeskSettings()
+MAX_REFUND_CENTS = DESK.max_cents
+APPROVAL_SCORE = DESK.approval_score
+DEADLINE_S = DESK.approval_deadline_s
+GATEWAY_URL = DESK.gateway_url
 
 intake = Agent("intake", emits=["ticket.classified", "notify.requested"])
 risk = Agent(
