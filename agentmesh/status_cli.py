@@ -1,8 +1,10 @@
 """`mesh status`: the mesh at a glance, read from Redis and Postgres (no agent is asked).
 
-Streams are found with SCAN TYPE stream; per group: lag and pending; per consumer: pending
-and idle time. Breaker states come from the short-lived reports each agent replica writes
-(agents/runner.py); the relay backlog from the outbox.
+Streams are found with SCAN TYPE stream. The mesh's own are shown: those with a consumer
+group, and those its event types are registered on (a stream nobody consumes yet is worth
+seeing); `--all-streams` shows every stream in the database. Per group: lag and pending;
+per consumer: pending and idle time. Breaker states come from the short-lived reports each
+agent replica writes (agents/runner.py); the relay backlog from the outbox.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ def _s(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def collect(redis_url: str, dlq_stream: str) -> dict[str, Any]:
+async def collect(
+    redis_url: str, dlq_stream: str, *, known: set[str] | None = None
+) -> dict[str, Any]:
+    """`known`: the streams of the registered event types; None lists every stream."""
     from redis.asyncio import Redis
     from redis.exceptions import ResponseError
 
@@ -28,7 +33,8 @@ async def collect(redis_url: str, dlq_stream: str) -> dict[str, Any]:
 
     redis = Redis.from_url(redis_url)
     try:
-        streams = sorted({_s(k) async for k in redis.scan_iter(_type="stream", count=500)})
+        found = {_s(k) async for k in redis.scan_iter(_type="stream", count=500)}
+        streams = sorted(found | (known or set()))
         rows: list[dict[str, Any]] = []
         for stream in streams:
             if stream == dlq_stream:
@@ -38,6 +44,8 @@ async def collect(redis_url: str, dlq_stream: str) -> dict[str, Any]:
                 groups = await redis.xinfo_groups(stream)
             except ResponseError:
                 groups = []
+            if known is not None and not groups and stream not in known:
+                continue  # not the mesh's: another application's stream in the same database
             if not groups:
                 rows.append({"stream": stream, "length": length, "group": None})
             for g in groups:
@@ -94,13 +102,25 @@ def _idle(ms: int) -> str:
 
 
 def status(
+    all_streams: Annotated[
+        bool, typer.Option("--all-streams", help="Every stream in the database, not the mesh's.")
+    ] = False,
+    module: Annotated[
+        str | None,
+        typer.Option("--module", "-m", help="Module defining the agents (MESH_AGENTS_MODULE)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Streams and groups (length, lag, pending, consumers), DLQ depth, breakers, relay backlog."""
-    from agentmesh.cli import emit_json, out, run, settings
+    from agentmesh.cli import emit_json, load_agents, out, run, settings
+    from schemas import registry
 
     s = settings()
-    data = run(collect(s.redis_url, s.dlq_stream))
+    known: set[str] | None = None
+    if not all_streams:
+        load_agents(module)
+        known = {t.stream for t in registry.types() if t.stream}
+    data = run(collect(s.redis_url, s.dlq_stream, known=known))
     if as_json:
         emit_json(data)
         return

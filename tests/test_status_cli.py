@@ -46,6 +46,13 @@ async def test_status_shows_groups_and_a_breaker_opening_and_closing(
     assert human.returncode == 0 and "t:dep" in human.stdout and "open" in human.stdout
     assert "DLQ mesh:dlq" in human.stdout and "relay: backlog" in human.stdout
 
+    # another application's stream in the same database is not the mesh's: hidden by default
+    await redis.xadd("someone-else:events", {"x": "1"})
+    data = await _status(base_env)
+    assert "someone-else:events" not in {r["stream"] for r in data["streams"]}
+    every = await asyncio.to_thread(mesh, base_env, "status", "--all-streams", "--json")
+    assert "someone-else:events" in {r["stream"] for r in json.loads(every.stdout)["streams"]}
+
     await redis.delete("t:flaky-down")
     await eventually(lambda: breaker("closed"), timeout=40, what="breaker reported closed")
 
