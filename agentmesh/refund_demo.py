@@ -220,7 +220,7 @@ def run_refund_demo(
         result.elapsed_s = time.monotonic() - started
         prefix = batch[0].session.rsplit("-", 1)[0] + "-"  # this run's sessions
         asyncio.run(_summary(s, desk, result, prefix, console))
-        session = asyncio.run(_one_session(s, prefix))
+        session = asyncio.run(_one_session(s, prefix, console))
         if session:
             asyncio.run(_replay_one(s, session, console))
         if keep:
@@ -450,20 +450,26 @@ FROM t
 _BACKLOG_SQL = "SELECT count(*) FROM mesh_outbox WHERE published_at IS NULL"
 
 
-async def _one_session(s: Settings, prefix: str) -> str | None:
-    """A refunded session whose payment the outage held up (it shows the retry), else any."""
+async def _one_session(s: Settings, prefix: str, console: Console) -> str | None:
+    """The refunded session the outage held up longest: its timeline shows the wait."""
     conn = await asyncpg.connect(s.postgres_dsn)
     try:
-        row = await conn.fetchval(
-            "SELECT session_id FROM mesh_actions WHERE agent = 'payments' AND "
-            "result->>'refund_id' IS NOT NULL AND session_id LIKE $1 ORDER BY created_at - "
-            "(SELECT min(created_at) FROM mesh_actions a "
-            " WHERE a.session_id = mesh_actions.session_id) DESC LIMIT 1",
+        row = await conn.fetchrow(
+            "SELECT p.session_id, extract(epoch FROM p.created_at - r.created_at) AS waited "
+            "FROM mesh_actions p JOIN mesh_actions r ON r.session_id = p.session_id "
+            "AND r.agent = 'risk' AND r.result->>'approved_by' = 'auto' "
+            "WHERE p.agent = 'payments' AND p.result->>'refund_id' IS NOT NULL "
+            "AND p.session_id LIKE $1 ORDER BY waited DESC LIMIT 1",
             prefix + "%",
         )
-        return str(row) if row else None
     finally:
         await conn.close()
+    if row is None:
+        return None
+    console.print()
+    console.print(f"Picked: the refund the gateway outage held up longest; it was paid "
+                  f"{row['waited']:.1f} s after risk approved it (see the +s column).")  # fmt: skip
+    return str(row["session_id"])
 
 
 async def _next_steps(s: Settings, prefix: str, console: Console) -> None:
