@@ -23,6 +23,13 @@ async def _dlq_ids(env: dict[str, str]) -> list[dict[str, object]]:
     return rows
 
 
+async def _handled(pg: asyncpg.Connection, event_id: str) -> bool:
+    n = await pg.fetchval(
+        "SELECT count(*) FROM mesh_actions WHERE input_event_id = $1::uuid", event_id
+    )
+    return bool(n)
+
+
 async def test_poison_ticket_is_edited_retried_and_audited(
     redis: Redis,
     pg: asyncpg.Connection,
@@ -63,14 +70,7 @@ async def test_poison_ticket_is_edited_retried_and_audited(
     assert retried.returncode == 0, retried.stderr
     assert json.loads(retried.stdout)[0]["done"] is True
 
-    async def handled() -> bool:
-        return bool(
-            await pg.fetchval(
-                "SELECT count(*) FROM mesh_actions WHERE input_event_id = $1::uuid", good.event_id
-            )
-        )
-
-    await eventually(handled, timeout=30, what="the fixed message handled")
+    await eventually(lambda: _handled(pg, good.event_id), timeout=30, what="the fixed message")
     again = await asyncio.to_thread(mesh, env, "dlq", "retry", new_id)
     assert again.returncode == 1 and "no DLQ entry" in again.stderr
     assert await _dlq_ids(env) == []
@@ -130,14 +130,7 @@ async def test_an_envelope_without_event_id_is_fixed_whole_with_envelope(
     retried = await asyncio.to_thread(mesh, env, "dlq", "retry", new_id, "--json")
     assert retried.returncode == 0, retried.stdout + retried.stderr
 
-    async def handled() -> bool:
-        return bool(
-            await pg.fetchval(
-                "SELECT count(*) FROM mesh_actions WHERE input_event_id = $1::uuid", good.event_id
-            )
-        )
-
-    await eventually(handled, timeout=30, what="the repaired message handled")
+    await eventually(lambda: _handled(pg, good.event_id), timeout=30, what="the repaired one")
     audit = await pg.fetchval(
         "SELECT envelope FROM mesh_outbox WHERE type = 'mesh.operator' AND session_id = 's-noid' "
         "AND envelope::jsonb->'payload'->>'action' = 'dlq.edit'"
