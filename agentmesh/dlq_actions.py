@@ -76,7 +76,9 @@ def _validate(raw: bytes) -> str | None:
     return None
 
 
-async def _apply(action: str, entries: list[DlqEntry], why: str, show: bool) -> list[Outcome]:
+async def _apply(
+    action: str, entries: list[DlqEntry], why: str, show: bool, *, force: bool = False
+) -> list[Outcome]:
     import asyncpg
     from redis.asyncio import Redis
     from rich.progress import Progress
@@ -91,7 +93,7 @@ async def _apply(action: str, entries: list[DlqEntry], why: str, show: bool) -> 
         with Progress(console=err, transient=True, disable=not show or len(entries) < 2) as bar:
             task = bar.add_task(action, total=len(entries))
             for e in entries:
-                outcomes.append(await _one(action, e, why, s.dlq_stream, redis, conn))
+                outcomes.append(await _one(action, e, why, s.dlq_stream, redis, conn, force))
                 bar.advance(task)
     finally:
         await conn.close()
@@ -100,7 +102,7 @@ async def _apply(action: str, entries: list[DlqEntry], why: str, show: bool) -> 
 
 
 async def _one(
-    action: str, e: DlqEntry, why: str, dlq_stream: str, redis: Any, conn: Any
+    action: str, e: DlqEntry, why: str, dlq_stream: str, redis: Any, conn: Any, force: bool
 ) -> Outcome:
     from bus import dlq
     from outbox.operator import record_operator_action
@@ -112,6 +114,12 @@ async def _one(
                 id=e.id, done=False, detail=f"invalid ({invalid}); fix it with mesh dlq edit"
             )
     env = e.envelope if isinstance(e.envelope, dict) else {}
+    if action == "drop" and not force:
+        step = await _open_step(conn, env.get("session_id"))
+        if step:
+            return Outcome(id=e.id, done=False, detail=(
+                f"session {env['session_id']} is still open ({step}): dropping this message "
+                "would leave it unfinished; retry it, or drop with --force"))  # fmt: skip
     audit = await record_operator_action(
         conn,
         operator=current_operator(),
@@ -138,6 +146,19 @@ async def _one(
         done = await dlq.drop(redis, dlq_stream=dlq_stream, dlq_id=e.id)
         detail = "dropped" if done else "already gone"
     return Outcome(id=e.id, done=done, detail=detail, audit_event_id=audit.event_id)
+
+
+async def _open_step(conn: Any, session_id: Any) -> str | None:
+    """Where a session that agents have acted in, and that has not ended, stands; else None.
+    A message dead-lettered mid-saga (a payment after its hold was placed) is such a case."""
+    from outbox.sessions import sessions
+
+    if not isinstance(session_id, str):
+        return None
+    rows = await sessions(conn, session_id=session_id, limit=1)
+    if not rows or rows[0]["status"] == "ended":
+        return None
+    return f"{rows[0]['status']}: {rows[0]['step']}"
 
 
 def _report(action: str, outcomes: list[Outcome], as_json: bool) -> None:
@@ -188,15 +209,20 @@ def dlq_drop(
     older_than: OlderOpt = None,
     newer_than: NewerOpt = None,
     everything: AllOpt = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Drop even a message whose session is still open.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove entries for good; --reason is required and goes to the audit log."""
+    """Remove entries for good; --reason is required and goes to the audit log. A message of
+    a session agents have acted in and that has not ended is kept unless --force."""
     from agentmesh.cli import EXIT_INPUT, fail, run
 
     if not reason.strip():
         fail("--reason must say why the entries are dropped", EXIT_INPUT)
     entries = _select(ident, everything, (stream, agent, match, older_than, newer_than))
-    _report("dropped", run(_apply("drop", entries, reason, not as_json)), as_json)
+    outcomes = run(_apply("drop", entries, reason, not as_json, force=force))
+    _report("dropped", outcomes, as_json)
 
 
 @dlq_app.command("edit")

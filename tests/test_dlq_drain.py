@@ -168,3 +168,16 @@ async def test_drop_requires_a_reason_and_filters_select(
     assert rows[-1]["session_id"] == "operator"  # its envelope was unreadable
     table = mesh(env, "dlq", "retry", "--all")
     assert table.returncode == 0 and "1 of 1 retried" in table.stdout
+
+    # a message of a session that agents acted in and that has not ended: dropping it would
+    # strand the session (a payment after its hold was placed), so only --force drops it
+    await pg.execute(
+        "INSERT INTO mesh_actions (agent, idempotency_key, session_id, input_event_id, "
+        "input_type, stream, entry_id) VALUES ('finisher', 'k-open', 's-dlq', "
+        "gen_random_uuid(), 'job.created', 't:other', '1-0')"
+    )
+    ids = await _dead_letter(redis)
+    refused = mesh(env, "dlq", "drop", ids[1], "--reason", "stale")
+    assert refused.returncode == 1 and "still open" in refused.stdout, refused.stdout
+    forced = mesh(env, "dlq", "drop", ids[1], "--reason", "stale", "--force", "--json")
+    assert forced.returncode == 0 and json.loads(forced.stdout)[0]["done"], forced.stderr

@@ -268,6 +268,12 @@ async def test_a_payment_dead_lettered_in_a_long_outage_is_retried_by_hand_and_p
     )
     assert released == 0 and desk.gateway.paid() == {}
 
+    # dropping it would strand the session with its hold placed: refused unless --force
+    drop = await asyncio.to_thread(mesh, desk.env, "dlq", "drop", "--agent", "payments",
+                                   "--reason", "clean up", "--json")  # fmt: skip
+    assert drop.returncode == 1 and "still open" in drop.stdout, drop.stdout + drop.stderr
+    assert len(await dead()) == 1
+
     await outage(0)  # the gateway is back
     again = await asyncio.to_thread(mesh, desk.env, "dlq", "retry", "--agent", "payments",
                                     "--reason", "gateway back", "--json")  # fmt: skip
