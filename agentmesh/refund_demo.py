@@ -413,14 +413,14 @@ async def _summary(
     r.breaker_openings = int(_sum(m, "mesh_breaker_opened_total", dependency="gateway"))
     mt = Table("figure", "value", "where it comes from", title="metrics")
     mt.add_row("tickets published", f"{r.tickets} ({r.malformed} malformed)", "this demo")
-    mt.add_row("inputs handled (committed)", f"{_sum(m, 'mesh_messages_processed_total'):.0f}",
-               "agents' /metrics")  # fmt: skip
-    mt.add_row("deliveries retried", f"{_sum(m, 'mesh_messages_retried_total'):.0f}",
-               "agents' /metrics")  # fmt: skip
-    mt.add_row("duplicates skipped", f"{_sum(m, 'mesh_messages_duplicate_total'):.0f}",
-               "agents' /metrics")  # fmt: skip
-    mt.add_row("dead-lettered", f"{_sum(m, 'mesh_messages_dead_lettered_total'):.0f}",
-               "agents' /metrics")  # fmt: skip
+    for label, metric in (
+        ("inputs handled (committed)", "processed"),
+        ("deliveries retried", "retried"),
+        ("duplicates skipped", "duplicate"),
+        ("dead-lettered", "dead_lettered"),
+    ):
+        total = _sum(m, f"mesh_messages_{metric}_total")
+        mt.add_row(label, f"{total:.0f}", "agents' /metrics")
     mt.add_row("payments breaker opened", f"{r.breaker_openings} time(s) during the outage",
                "payments' /metrics")  # fmt: skip
     mt.add_row("gateway calls / refunds paid", f"{calls} / {len(ledger)}",
