@@ -74,7 +74,7 @@ def relay_run(
 ) -> None:
     """Publish the outbox to Kafka until SIGTERM/SIGINT. Run several for throughput and HA."""
     from agentmesh.logs import configure
-    from outbox.relay import SlotConfigMismatch, serve
+    from agentmesh.outbox.relay import SlotConfigMismatch, serve
 
     overrides: dict[str, Any] = {} if http_port is None else {"http_port": http_port}
     s = load_settings(**overrides)
@@ -107,7 +107,7 @@ def relay_status(as_json: JsonOpt = False) -> None:
 async def _relay_status() -> dict[str, Any]:
     import asyncpg
 
-    from outbox.relay import MEMBER_LOCK_CLASS, SLOT_LOCK_CLASS
+    from agentmesh.outbox.relay import MEMBER_LOCK_CLASS, SLOT_LOCK_CLASS
 
     s = load_settings()
     conn = await asyncpg.connect(s.postgres_dsn)
@@ -161,8 +161,8 @@ def replay(
 ) -> None:
     """Replay a session from the Kafka audit log: each event once, in order."""
     from agentmesh.cli import EXIT_FAILED, EXIT_INPUT, load_agents
+    from agentmesh.outbox.replay import Until, fold_state, replay_session
     from agentmesh.timeline import render
-    from outbox.replay import Until, fold_state, replay_session
 
     s = load_settings()
     try:
@@ -197,7 +197,7 @@ def _selection(session: str | None, since: str | None) -> Any:
     from datetime import UTC
 
     from agentmesh.cli import EXIT_INPUT
-    from outbox.resend import Selection
+    from agentmesh.outbox.resend import Selection
 
     when = None
     if since is not None:
@@ -224,8 +224,8 @@ def outbox_republish(
     as_json: JsonOpt = False,
 ) -> None:
     """Send already-published rows to Kafka again (after a broker or topic was lost)."""
-    from outbox.operator import current_operator
-    from outbox.resend import Actor, republish
+    from agentmesh.outbox.operator import current_operator
+    from agentmesh.outbox.resend import Actor, republish
 
     sel = _selection(session, since)
     s = load_settings()
@@ -254,8 +254,8 @@ def outbox_redrive(
     as_json: JsonOpt = False,
 ) -> None:
     """Re-send stored handoffs onto their Redis streams (after Redis lost recent writes)."""
-    from outbox.operator import current_operator
-    from outbox.resend import Actor, redrive
+    from agentmesh.outbox.operator import current_operator
+    from agentmesh.outbox.resend import Actor, redrive
 
     sel = _selection(session, since)
     s = load_settings()

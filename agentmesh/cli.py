@@ -156,7 +156,7 @@ def dev_up(services: ServicesArg = None, as_json: JsonOpt = False) -> None:
     with out.status("starting the local stack…") if not as_json else _null():
         rows = devstack.up(stack_config(s), chosen)
         if "postgres" in chosen:
-            from outbox.migrate import migrate
+            from agentmesh.outbox.migrate import migrate
 
             run(migrate(s.postgres_dsn))
     _print_status(rows, as_json)
@@ -199,7 +199,7 @@ class _null:
 @db_app.command("migrate")
 def db_migrate(as_json: JsonOpt = False) -> None:
     """Apply pending schema migrations (safe to run from several replicas at once)."""
-    from outbox.migrate import migrate
+    from agentmesh.outbox.migrate import migrate
 
     applied = run(migrate(settings().postgres_dsn))
     if as_json:
@@ -213,9 +213,12 @@ def db_migrate(as_json: JsonOpt = False) -> None:
 
 # -- agents ---------------------------------------------------------------------------------
 def load_agents(module: str | None) -> dict[str, Any]:
-    from agents.agent import AGENTS
+    from agentmesh.agents.agent import AGENTS
 
     name = module or settings().agents_module
+    if not name:
+        fail("MESH_AGENTS_MODULE is not set: name the module that defines your agents "
+             "(or pass --module)", EXIT_INPUT)  # fmt: skip
     try:
         importlib.import_module(name)
     except ImportError as exc:
@@ -239,8 +242,8 @@ def agent_run(
     consumers: Annotated[int | None, typer.Option(help="Consumer loops in this process.")] = None,
 ) -> None:
     """Run one agent type as this process, until SIGTERM/SIGINT."""
+    from agentmesh.agents.runner import Runner
     from agentmesh.logs import configure
-    from agents.runner import Runner
 
     agents = load_agents(module)
     if name not in agents:
@@ -307,8 +310,8 @@ def publish(
     as_json: JsonOpt = False,
 ) -> None:
     """Validate a payload against its event schema, then XADD it onto STREAM."""
-    from schemas import PoisonMessage, registry
-    from schemas.ids import new_event_id
+    from agentmesh.schemas import PoisonMessage, registry
+    from agentmesh.schemas.ids import new_event_id
 
     load_agents(module)
     data = read_payload(payload)
@@ -355,7 +358,7 @@ async def _follow(s: Settings, session: str, within_s: float, status: Any) -> An
     """Poll the session's status until it ends or waits on a human; the last row seen."""
     import asyncpg
 
-    from outbox.sessions import sessions
+    from agentmesh.outbox.sessions import sessions
 
     conn = await asyncpg.connect(s.postgres_dsn)
     row: Any = None
@@ -380,8 +383,8 @@ async def _publish(s: Settings, stream: str, env: Any) -> str | None:
     import asyncpg
     from redis.asyncio import Redis
 
-    from bus import Streams
-    from outbox.publish import publish_events
+    from agentmesh.bus import Streams
+    from agentmesh.outbox.publish import publish_events
 
     redis = Redis.from_url(s.redis_url)
     conn = await asyncpg.connect(s.postgres_dsn)
@@ -415,8 +418,9 @@ def demo(
 ) -> None:
     """The refund desk end to end: stack up, every agent a process, tickets, summary, stop."""
     s = settings()
+    _examples_on_path()
     if mesh_name == "planner":
-        from agentmesh.demo import run_demo
+        from planner_writer.demo import run_demo
 
         result = run_demo(s, stack_config(s), tasks=tasks, keep=keep, console=out)
         out.print(f"done in {result.elapsed_s:.1f} s")
@@ -425,7 +429,7 @@ def demo(
         return
     if mesh_name != "refund":
         fail(f"unknown mesh {mesh_name!r}; choose refund or planner", EXIT_INPUT)
-    from agentmesh.refund_demo import DemoPlan, run_refund_demo
+    from refund_desk.demo import DemoPlan, run_refund_demo
 
     plan = DemoPlan(tickets=tickets, publish_s=publish_seconds, outage_s=outage_seconds,
                     outage_at_s=min(2.0, publish_seconds / 3))  # fmt: skip
@@ -433,6 +437,18 @@ def demo(
     out.print(f"done in {r.elapsed_s:.1f} s")
     if not r.ok:
         fail("not every ticket settled (see the summary above)", EXIT_FAILED)
+
+
+def _examples_on_path() -> None:
+    """The demos live in the source checkout's examples/ folder, not in the installed package;
+    put it on the path of this process and of every process the demo starts."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    if not (examples / "refund_desk").is_dir():
+        fail("mesh demo runs from a source checkout (its examples/ folder was not found)")
+    sys.path.insert(0, str(examples))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(examples), os.environ.get("PYTHONPATH")) if p
+    )
 
 
 @app.command("config")
@@ -467,7 +483,7 @@ def main() -> None:
     from aiokafka.errors import KafkaConnectionError, KafkaError
 
     from agentmesh.devstack import StackError
-    from outbox.replay import ReplayError
+    from agentmesh.outbox.replay import ReplayError
 
     try:
         code = app(standalone_mode=False)  # click returns (not raises) the code of typer.Exit

@@ -30,7 +30,7 @@ from agentmesh.dlq_cli import (
     read_dlq,
     read_one,
 )
-from outbox.operator import current_operator
+from agentmesh.outbox.operator import current_operator
 
 
 @dataclass(kw_only=True)
@@ -67,7 +67,7 @@ def _select(ident: str | None, everything: bool, filters: tuple[str | None, ...]
 
 def _validate(raw: bytes) -> str | None:
     """None when the envelope decodes against its schema, else why not."""
-    from schemas import PoisonMessage, registry
+    from agentmesh.schemas import PoisonMessage, registry
 
     try:
         registry.decode(raw)
@@ -104,8 +104,8 @@ async def _apply(
 async def _one(
     action: str, e: DlqEntry, why: str, dlq_stream: str, redis: Any, conn: Any, force: bool
 ) -> Outcome:
-    from bus import dlq
-    from outbox.operator import record_operator_action
+    from agentmesh.bus import dlq
+    from agentmesh.outbox.operator import record_operator_action
 
     if action == "retry":
         invalid = _validate(e.raw)
@@ -151,7 +151,7 @@ async def _one(
 async def _open_step(conn: Any, session_id: Any) -> str | None:
     """Where a session that agents have acted in, and that has not ended, stands; else None.
     A message dead-lettered mid-saga (a payment after its hold was placed) is such a case."""
-    from outbox.sessions import sessions
+    from agentmesh.outbox.sessions import sessions
 
     if not isinstance(session_id, str):
         return None
@@ -323,10 +323,10 @@ async def _edit(
     import asyncpg
     from redis.asyncio import Redis
 
+    from agentmesh.bus import dlq
     from agentmesh.cli import settings
     from agentmesh.dlq_cli import _xrange
-    from bus import dlq
-    from outbox.operator import record_operator_action
+    from agentmesh.outbox.operator import record_operator_action
 
     s = settings()
     redis = Redis.from_url(s.redis_url)

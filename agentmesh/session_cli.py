@@ -36,7 +36,7 @@ async def _sessions(session_id: str | None, limit: int) -> list[dict[str, Any]]:
     import asyncpg
 
     from agentmesh.cli import settings
-    from outbox.sessions import sessions
+    from agentmesh.outbox.sessions import sessions
 
     conn = await asyncpg.connect(settings().postgres_dsn)
     try:
@@ -96,7 +96,7 @@ def session_cmd(
     timeline: list[Any] = []
     unpublished = 0
     if replay:
-        from outbox.replay import replay_session
+        from agentmesh.outbox.replay import replay_session
 
         rep = run(replay_session(settings(), session))
         timeline, unpublished = rep.events, rep.unpublished or 0
@@ -194,7 +194,7 @@ async def _acted_on(result: dict[str, Any]) -> dict[str, Any]:
     import asyncpg
 
     from agentmesh.cli import settings
-    from schemas.approval import decision_key
+    from agentmesh.schemas.approval import decision_key
 
     conn = await asyncpg.connect(settings().postgres_dsn)
     try:
@@ -225,13 +225,13 @@ async def _publish_decision(session: str, decision: str, reason: str) -> dict[st
     import asyncpg
     from redis.asyncio import Redis
 
+    from agentmesh.bus import Streams
     from agentmesh.cli import EXIT_FAILED, fail, settings
-    from bus import Streams
-    from outbox.operator import current_operator, record_operator_action
-    from outbox.publish import publish_events
-    from outbox.sessions import waiting_steps
-    from schemas import registry
-    from schemas.approval import decision_key
+    from agentmesh.outbox.operator import current_operator, record_operator_action
+    from agentmesh.outbox.publish import publish_events
+    from agentmesh.outbox.sessions import waiting_steps
+    from agentmesh.schemas import registry
+    from agentmesh.schemas.approval import decision_key
 
     s = settings()
     who = current_operator()

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     )
     dev_s3_port: int = Field(default=4569, description="s3rver port of `mesh dev` (broker storage)")
     agents_module: str = Field(
-        default="agents.examples",
+        default="planner_writer",
         description="module that defines the agents `mesh agent run` knows",
     )
 

@@ -28,8 +28,8 @@ async def collect(
     from redis.asyncio import Redis
     from redis.exceptions import ResponseError
 
+    from agentmesh.agents.runner import BREAKER_REPORT_PREFIX
     from agentmesh.audit_cli import _relay_status
-    from agents.runner import BREAKER_REPORT_PREFIX
 
     redis = Redis.from_url(redis_url)
     try:
@@ -113,7 +113,7 @@ def status(
 ) -> None:
     """Streams and groups (length, lag, pending, consumers), DLQ depth, breakers, relay backlog."""
     from agentmesh.cli import emit_json, load_agents, out, run, settings
-    from schemas import registry
+    from agentmesh.schemas import registry
 
     s = settings()
     known: set[str] | None = None

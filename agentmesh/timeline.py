@@ -8,8 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from outbox.replay import Replay
-from schemas.audit import ACTION
+from agentmesh.outbox.replay import Replay
+from agentmesh.schemas.audit import ACTION
 
 
 def summary(

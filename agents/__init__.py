@@ -1,8 +1,8 @@
 """Writing and running agents: the declarative `Agent`, the handler `Context`, resilience
 helpers, and the `Runner` that runs one agent type as its own process."""
 
-from agents.agent import AGENTS, Agent
-from agents.context import Context
-from agents.resilience import DependencySpec, NonRetryable, RetryPolicy
+from agentmesh.agents.agent import AGENTS, Agent
+from agentmesh.agents.context import Context
+from agentmesh.agents.resilience import DependencySpec, NonRetryable, RetryPolicy
 
 __all__ = ["AGENTS", "Agent", "Context", "DependencySpec", "NonRetryable", "RetryPolicy"]

@@ -20,14 +20,14 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agents.periodic import Job, PeriodicSpec
-from agents.resilience import DependencySpec
-from schemas.envelope import Envelope
-from schemas.registry import Registry
-from schemas.registry import registry as default_registry
+from agentmesh.agents.periodic import Job, PeriodicSpec
+from agentmesh.agents.resilience import DependencySpec
+from agentmesh.schemas.envelope import Envelope
+from agentmesh.schemas.registry import Registry
+from agentmesh.schemas.registry import registry as default_registry
 
 if TYPE_CHECKING:
-    from agents.context import Context
+    from agentmesh.agents.context import Context
 
 Handler = Callable[[Any, "Context"], Awaitable[Any]]
 Projection = Callable[[dict[str, Any], Any, Envelope], None]

@@ -38,19 +38,19 @@ from aiobreaker import CircuitBreakerError
 from pydantic import BaseModel
 
 from agentmesh import faults
-from agents.agent import HandlerSpec
-from agents.context import Context
-from agents.resilience import NonRetryable
-from bus.deadletter import DeadLetter
-from bus.entry import Outgoing, StreamEntry
-from bus.streams import Streams
-from outbox.unit_of_work import CommitResult, UnitOfWork, Work
-from schemas.audit import ACTION, ActionRecorded
-from schemas.errors import PoisonMessage
-from schemas.registry import Decoded
+from agentmesh.agents.agent import HandlerSpec
+from agentmesh.agents.context import Context
+from agentmesh.agents.resilience import NonRetryable
+from agentmesh.bus.deadletter import DeadLetter
+from agentmesh.bus.entry import Outgoing, StreamEntry
+from agentmesh.bus.streams import Streams
+from agentmesh.outbox.unit_of_work import CommitResult, UnitOfWork, Work
+from agentmesh.schemas.audit import ACTION, ActionRecorded
+from agentmesh.schemas.errors import PoisonMessage
+from agentmesh.schemas.registry import Decoded
 
 if TYPE_CHECKING:
-    from agents.runner import Runner
+    from agentmesh.agents.runner import Runner
 
 log = structlog.get_logger("agentmesh.consumer")
 

@@ -9,9 +9,9 @@ from typing import Any, TypeVar
 import structlog
 from pydantic import BaseModel
 
-from agents.resilience import Dependency
-from schemas.envelope import Envelope
-from schemas.registry import Registry
+from agentmesh.agents.resilience import Dependency
+from agentmesh.schemas.envelope import Envelope
+from agentmesh.schemas.registry import Registry
 
 T = TypeVar("T")
 

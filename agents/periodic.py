@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 
-from bus.streams import Streams
-from schemas.envelope import Envelope
+from agentmesh.bus.streams import Streams
+from agentmesh.schemas.envelope import Envelope
 
 log = structlog.get_logger("agentmesh.periodic")
 
@@ -28,7 +28,7 @@ class Tick:
     bus: Streams
 
     async def publish(self, events: Sequence[tuple[str, Envelope]]) -> list[str | None]:
-        from outbox.publish import publish_events
+        from agentmesh.outbox.publish import publish_events
 
         return await publish_events(self.pool, self.bus, events)
 

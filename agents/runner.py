@@ -22,13 +22,13 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from agentmesh.agents.agent import Agent
+from agentmesh.agents.consumer import ConsumerLoop
+from agentmesh.agents.metrics import Metrics
+from agentmesh.agents.periodic import Tick, run_periodic
+from agentmesh.agents.resilience import STATE_VALUE, Dependency
 from agentmesh.health import HealthServer
 from agentmesh.settings import Settings
-from agents.agent import Agent
-from agents.consumer import ConsumerLoop
-from agents.metrics import Metrics
-from agents.periodic import Tick, run_periodic
-from agents.resilience import STATE_VALUE, Dependency
 
 BREAKER_REPORT_PREFIX = "mesh:breakers:"  # + replica name: {agent, replica, states}
 BREAKER_REPORT_TTL_S = 15

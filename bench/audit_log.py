@@ -55,13 +55,13 @@ from pydantic import BaseModel  # noqa: E402
 
 from agentmesh import devstack  # noqa: E402
 from agentmesh.logs import configure as configure_logs  # noqa: E402
+from agentmesh.outbox import kafka  # noqa: E402
+from agentmesh.outbox.migrate import migrate  # noqa: E402
+from agentmesh.outbox.relay import SLOT_LOCK_CLASS, Relay  # noqa: E402
+from agentmesh.outbox.replay import Replay, replay_session  # noqa: E402
+from agentmesh.schemas import registry  # noqa: E402
+from agentmesh.schemas.envelope import Envelope  # noqa: E402
 from agentmesh.settings import Settings  # noqa: E402
-from outbox import kafka  # noqa: E402
-from outbox.migrate import migrate  # noqa: E402
-from outbox.relay import SLOT_LOCK_CLASS, Relay  # noqa: E402
-from outbox.replay import Replay, replay_session  # noqa: E402
-from schemas import registry  # noqa: E402
-from schemas.envelope import Envelope  # noqa: E402
 
 SECTION = "## Kafka audit log: relay and replay"
 DOC = ROOT / "docs" / "benchmarks.md"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from agents import Agent, Context
-from schemas import registry
+from agentmesh.agents import Agent, Context
+from agentmesh.schemas import registry
 
 IN_TYPE = "bench.in"
 OUT_TYPE = "bench.out"

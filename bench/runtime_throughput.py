@@ -51,12 +51,12 @@ from bench_agent import (  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
 from agentmesh import devstack  # noqa: E402
+from agentmesh.agents.runner import Runner  # noqa: E402
 from agentmesh.logs import configure as configure_logs  # noqa: E402
+from agentmesh.outbox.migrate import migrate  # noqa: E402
+from agentmesh.schemas import registry  # noqa: E402
+from agentmesh.schemas.envelope import Envelope  # noqa: E402
 from agentmesh.settings import Settings  # noqa: E402
-from agents.runner import Runner  # noqa: E402
-from outbox.migrate import migrate  # noqa: E402
-from schemas import registry  # noqa: E402
-from schemas.envelope import Envelope  # noqa: E402
 
 SECTION = "## Runtime throughput (Redis Streams + Postgres group commit)"
 DOC = ROOT / "docs" / "benchmarks.md"

@@ -10,7 +10,7 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from bus.entry import StreamEntry
+from agentmesh.bus.entry import StreamEntry
 
 
 def _now() -> str:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from bus.scripts import Scripts
-from bus.streams import failures_key
+from agentmesh.bus.scripts import Scripts
+from agentmesh.bus.streams import failures_key
 
 
 def _s(value: bytes | str | None) -> str | None:

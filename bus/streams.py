@@ -14,9 +14,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from bus.deadletter import DeadLetter
-from bus.entry import Outgoing, StreamEntry
-from bus.scripts import Scripts
+from agentmesh.bus.deadletter import DeadLetter
+from agentmesh.bus.entry import Outgoing, StreamEntry
+from agentmesh.bus.scripts import Scripts
 
 FAILURES_TTL_S = 7 * 86400
 

@@ -1,6 +1,6 @@
 """PostgreSQL: schema migrations and the unit of work (idempotency, actions, outbox)."""
 
-from outbox.migrate import migrate
-from outbox.unit_of_work import CommitResult, UnitOfWork, Work
+from agentmesh.outbox.migrate import migrate
+from agentmesh.outbox.unit_of_work import CommitResult, UnitOfWork, Work
 
 __all__ = ["CommitResult", "UnitOfWork", "Work", "migrate"]

@@ -13,10 +13,10 @@ from typing import Any
 
 import asyncpg
 
-from outbox.kafka import session_hash
-from schemas.audit import OPERATOR
-from schemas.envelope import Envelope
-from schemas.registry import registry
+from agentmesh.outbox.kafka import session_hash
+from agentmesh.schemas.audit import OPERATOR
+from agentmesh.schemas.envelope import Envelope
+from agentmesh.schemas.registry import registry
 
 _INSERT_SQL = """
 INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, idempotency_key,

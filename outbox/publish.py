@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from bus.entry import Outgoing
-from bus.streams import Streams
-from outbox.kafka import session_hash
-from schemas.envelope import Envelope
+from agentmesh.bus.entry import Outgoing
+from agentmesh.bus.streams import Streams
+from agentmesh.outbox.kafka import session_hash
+from agentmesh.schemas.envelope import Envelope
 
 _INSERT_SQL = """
 INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, idempotency_key,

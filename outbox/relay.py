@@ -39,8 +39,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agentmesh import faults
+from agentmesh.outbox import kafka
 from agentmesh.settings import Settings
-from outbox import kafka
 
 log = structlog.get_logger("agentmesh.relay")
 

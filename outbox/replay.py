@@ -26,12 +26,12 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from agentmesh.outbox import kafka
+from agentmesh.schemas.envelope import Envelope
+from agentmesh.schemas.errors import PoisonMessage
+from agentmesh.schemas.registry import Registry
+from agentmesh.schemas.registry import registry as default_registry
 from agentmesh.settings import Settings
-from outbox import kafka
-from schemas.envelope import Envelope
-from schemas.errors import PoisonMessage
-from schemas.registry import Registry
-from schemas.registry import registry as default_registry
 
 Progress = Callable[[int, int | None], None]
 """Called with (records read, records to read or None when unknown)."""

@@ -23,11 +23,11 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from agentmesh.bus.entry import Outgoing
+from agentmesh.bus.streams import Streams
+from agentmesh.outbox.operator import NO_SESSION, record_operator_action
+from agentmesh.outbox.relay import Relay
 from agentmesh.settings import Settings
-from bus.entry import Outgoing
-from bus.streams import Streams
-from outbox.operator import NO_SESSION, record_operator_action
-from outbox.relay import Relay
 
 Progress = Callable[[int, int], None]
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import asyncpg
 
-from bus.entry import Outgoing
-from outbox.kafka import session_hash
-from schemas.envelope import Envelope
+from agentmesh.bus.entry import Outgoing
+from agentmesh.outbox.kafka import session_hash
+from agentmesh.schemas.envelope import Envelope
 
 _COMMIT_SQL = """
 WITH input AS (

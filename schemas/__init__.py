@@ -1,9 +1,9 @@
 """The wire format: the event envelope, event ids, and the registry of event types."""
 
-from schemas.envelope import MAX_ENVELOPE_BYTES, Envelope
-from schemas.errors import PoisonMessage
-from schemas.ids import new_event_id, uuid7
-from schemas.registry import Decoded, EventType, Registry, registry
+from agentmesh.schemas.envelope import MAX_ENVELOPE_BYTES, Envelope
+from agentmesh.schemas.errors import PoisonMessage
+from agentmesh.schemas.ids import new_event_id, uuid7
+from agentmesh.schemas.registry import Decoded, EventType, Registry, registry
 
 __all__ = [
     "MAX_ENVELOPE_BYTES",
@@ -17,4 +17,4 @@ __all__ = [
     "uuid7",
 ]
 
-import schemas.audit  # noqa: F401  (registers the runtime's own audit event type)
+import agentmesh.schemas.audit  # noqa: F401  (registers the runtime's own audit event type)

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from schemas.registry import registry
+from agentmesh.schemas.registry import registry
 
 ACTION = "mesh.action"
 

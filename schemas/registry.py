@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from schemas.envelope import MAX_ENVELOPE_BYTES, Envelope
-from schemas.errors import (
+from agentmesh.schemas.envelope import MAX_ENVELOPE_BYTES, Envelope
+from agentmesh.schemas.errors import (
     MalformedEnvelope,
     MalformedJSON,
     Oversize,

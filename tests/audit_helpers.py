@@ -13,9 +13,9 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 import tests.mesh_fixture  # noqa: F401  (registers the test event types)
+from agentmesh.outbox import kafka
+from agentmesh.schemas import Envelope, registry
 from agentmesh.settings import Settings
-from outbox import kafka
-from schemas import Envelope, registry
 
 _INSERT = """
 INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, idempotency_key,
@@ -128,7 +128,7 @@ def first_copies(records: list[ConsumerRecord[bytes, bytes]]) -> dict[str, list[
 
 async def drain_outbox(s: Settings, pg: asyncpg.Connection, timeout: float = 60) -> None:
     """An in-process relay publishes until no outbox row is unpublished, then closes."""
-    from outbox.relay import Relay
+    from agentmesh.outbox.relay import Relay
     from tests.conftest import eventually
 
     relay = Relay(s)

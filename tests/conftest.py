@@ -22,7 +22,7 @@ import pytest
 from redis.asyncio import Redis
 
 from agentmesh import devstack
-from outbox.migrate import migrate
+from agentmesh.outbox.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_TAIL = 12_000
@@ -56,7 +56,7 @@ def _no_refund_paid_twice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     that ran it, the demo's included) shows no ticket paid twice. A double payment fails the
     run here even if the test that caused it did not look."""
     yield
-    from agents.examples.refund_desk.gateway_standin import paid_twice, read_ledger
+    from refund_desk.gateway_standin import paid_twice, read_ledger
 
     files = sorted(tmp_path_factory.getbasetemp().glob("**/*ledger.jsonl"))
     refunds = 0
@@ -121,7 +121,7 @@ def base_env(stack: devstack.StackConfig) -> dict[str, str]:
         MESH_RELAY_POLL_INTERVAL_S="0.2",
         MESH_RELAY_RETRY_MAX_S="1",
         MESH_RELAY_REBALANCE_INTERVAL_S="1",
-        PYTHONPATH=str(ROOT),
+        PYTHONPATH=os.pathsep.join((str(ROOT), str(ROOT / "examples"))),
         PYTHONUNBUFFERED="1",
     )
     return env

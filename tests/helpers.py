@@ -10,8 +10,8 @@ import asyncpg
 from redis.asyncio import Redis
 
 import tests.mesh_fixture  # noqa: F401  (registers the test event types)
-from bus import Outgoing, Streams
-from schemas import Envelope, registry
+from agentmesh.bus import Outgoing, Streams
+from agentmesh.schemas import Envelope, registry
 from tests.conftest import ROOT
 
 

@@ -12,8 +12,8 @@ import os
 from pydantic import BaseModel
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from agents import Agent, Context, DependencySpec, NonRetryable, RetryPolicy
-from schemas import registry
+from agentmesh.agents import Agent, Context, DependencySpec, NonRetryable, RetryPolicy
+from agentmesh.schemas import registry
 
 
 class Job(BaseModel):

@@ -17,7 +17,7 @@ from agentmesh import devstack
 from tests.conftest import ROOT, AgentProcess
 from tests.helpers import mesh
 
-MODULE = "agents.examples.refund_desk"
+MODULE = "refund_desk"
 
 
 @dataclass

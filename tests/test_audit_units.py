@@ -8,11 +8,11 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 import tests.mesh_fixture  # noqa: F401  (registers the test event types and projections)
+from agentmesh.agents.agent import AGENTS
+from agentmesh.outbox.kafka import partition_of, session_hash
+from agentmesh.outbox.replay import ReplayedEvent, Until, fold_state
+from agentmesh.schemas import registry
 from agentmesh.timeline import summary
-from agents.agent import AGENTS
-from outbox.kafka import partition_of, session_hash
-from outbox.replay import ReplayedEvent, Until, fold_state
-from schemas import registry
 
 
 @pytest.mark.parametrize("session", ["s-1", "demo-ab12-3", "ünïcode-session", "x" * 64])

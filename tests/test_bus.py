@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from bus import DeadLetter, Outgoing, StreamEntry, Streams
+from agentmesh.bus import DeadLetter, Outgoing, StreamEntry, Streams
 
 
 async def test_trim_never_drops_an_unacked_or_undelivered_entry(redis: Redis) -> None:

@@ -56,7 +56,7 @@ OPERATOR_BAD_INPUT = [  # (args, exit code, what stderr must say)
 
 
 def test_operator_commands_refuse_bad_input_with_a_clear_error(base_env: dict[str, str]) -> None:
-    env = {**base_env, "MESH_AGENTS_MODULE": "agents.examples.refund_desk"}
+    env = {**base_env, "MESH_AGENTS_MODULE": "refund_desk"}
     for args, code, says in OPERATOR_BAD_INPUT:
         r = mesh(env, *args)
         assert r.returncode == code, (args, r.stdout, r.stderr)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from agentmesh import devstack
-from agents.examples.refund_desk.gateway_standin import paid_twice, read_ledger
+from refund_desk.gateway_standin import paid_twice, read_ledger
 from tests.conftest import ROOT
 
 

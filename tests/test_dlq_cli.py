@@ -6,9 +6,9 @@ import json
 
 from redis.asyncio import Redis
 
-from bus import Streams
-from bus.deadletter import DeadLetter
-from bus.entry import StreamEntry
+from agentmesh.bus import Streams
+from agentmesh.bus.deadletter import DeadLetter
+from agentmesh.bus.entry import StreamEntry
 from tests.helpers import job, mesh
 
 

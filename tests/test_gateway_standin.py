@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from agents.examples.refund_desk.gateway_standin import (
+from refund_desk.gateway_standin import (
     GatewayConfig,
     PaymentGatewayStandIn,
     Reply,

@@ -146,7 +146,7 @@ async def test_a_session_waiting_past_its_deadline_is_compensated(
 async def test_gateway_outage_then_every_refund_is_paid_once(
     desk: Desk, pg: asyncpg.Connection, redis: Redis
 ) -> None:
-    from agents.examples.refund_desk.gateway_standin import request_json
+    from refund_desk.gateway_standin import request_json
 
     desk.publish("s-warm", **ticket(99))  # every agent is up and the path works
     await desk.until("s-warm", "ended", timeout=60)
@@ -182,7 +182,7 @@ async def test_payments_killed_mid_call_the_retry_after_restart_pays_once(
     """kill -9 of every payments replica while the gateway is paying: the gateway finishes the
     payment nobody hears about; a new replica reclaims the entry, calls again with the same
     idempotency key, gets the first answer back, and the ticket is refunded once."""
-    from agents.examples.refund_desk.gateway_standin import request_json
+    from refund_desk.gateway_standin import request_json
 
     desk.publish("s-kill", **ticket(21))
 
@@ -217,8 +217,8 @@ async def test_payments_killed_mid_call_the_retry_after_restart_pays_once(
 async def test_a_ticket_delivered_twice_or_resubmitted_is_paid_once(
     desk: Desk, pg: asyncpg.Connection, redis: Redis
 ) -> None:
-    import agents.examples.refund_desk  # noqa: F401
-    from schemas import registry
+    import refund_desk  # noqa: F401
+    from agentmesh.schemas import registry
 
     env = registry.make("ticket.submitted", ticket(31), session_id="s-dup")
     for _ in range(2):  # the same bytes twice on the stream: a producer's retry, a replay
@@ -245,7 +245,7 @@ async def test_a_ticket_delivered_twice_or_resubmitted_is_paid_once(
 async def test_a_payment_dead_lettered_in_a_long_outage_is_retried_by_hand_and_paid_once(
     desk: Desk, pg: asyncpg.Connection, redis: Redis
 ) -> None:
-    from agents.examples.refund_desk.gateway_standin import request_json
+    from refund_desk.gateway_standin import request_json
 
     async def outage(seconds: float) -> None:
         r = await request_json("127.0.0.1", desk.gateway.port, "POST", "/admin/outage",
@@ -289,8 +289,8 @@ async def test_malformed_tickets_reach_the_dlq_with_reasons(desk: Desk, redis: R
     )
     assert bad.returncode == 2  # the CLI validates before writing
     good = json.loads(json.dumps(ticket(7)))
-    import agents.examples.refund_desk  # noqa: F401
-    from schemas import registry
+    import refund_desk  # noqa: F401
+    from agentmesh.schemas import registry
 
     env = json.loads(registry.make("ticket.submitted", good, session_id="s-bad").to_json())
     env["payload"]["amount_cents"] = -1

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from agentmesh import devstack
-from outbox.relay import Relay
+from agentmesh.outbox.relay import Relay
 from tests.audit_helpers import (
     LoadGen,
     backlog,
@@ -255,7 +255,7 @@ async def test_relay_killed_under_load_the_other_takes_over_in_order(
 async def test_relay_with_other_slot_count_refuses_to_start(
     pg: asyncpg.Connection, audit_env: dict[str, str]
 ) -> None:
-    from outbox.relay import SlotConfigMismatch
+    from agentmesh.outbox.relay import SlotConfigMismatch
 
     first = Relay(settings_from(audit_env))
     await first.start()

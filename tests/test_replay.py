@@ -11,7 +11,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from agentmesh import devstack
-from outbox.replay import Until, replay_session
+from agentmesh.outbox.replay import Until, replay_session
 from tests.audit_helpers import backlog, read_topic, settings_from
 from tests.conftest import AgentProcess, MeshProcess, eventually
 from tests.helpers import mesh, stream_events
@@ -227,7 +227,7 @@ async def test_replay_of_a_long_lived_session_reads_its_ranges_not_its_partition
 ) -> None:
     """A session whose events are far apart in its partition: the index keeps one range per
     cluster, so replay reads the session's records, not the thousands in between."""
-    from outbox.kafka import session_hash
+    from agentmesh.outbox.kafka import session_hash
     from tests.audit_helpers import drain_outbox, event, insert
 
     s = settings_from(audit_env)

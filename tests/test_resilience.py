@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from aiobreaker import CircuitBreakerError
 
-from agents.resilience import Dependency, DependencySpec, NonRetryable, RetryPolicy
+from agentmesh.agents.resilience import Dependency, DependencySpec, NonRetryable, RetryPolicy
 
 FAST = RetryPolicy(attempts=3, initial_s=0.001, max_s=0.005, jitter_s=0.001)
 

@@ -273,7 +273,7 @@ async def test_hung_handler_is_cancelled_and_dead_lettered(
 async def test_breaker_pauses_consumption_and_resumes(
     redis: Redis, pg: asyncpg.Connection, agents: Start
 ) -> None:
-    from schemas import registry
+    from agentmesh.schemas import registry
 
     await redis.set("t:flaky-down", 1)
     calls = [registry.make("dep.call", {"n": i}, session_id="s-dep") for i in range(20)]

@@ -9,8 +9,8 @@ import uuid
 import pytest
 from pydantic import BaseModel
 
-from schemas import Envelope, Registry, uuid7
-from schemas.errors import (
+from agentmesh.schemas import Envelope, Registry, uuid7
+from agentmesh.schemas.errors import (
     MalformedEnvelope,
     MalformedJSON,
     Oversize,
@@ -18,7 +18,7 @@ from schemas.errors import (
     UnknownEventType,
     UnsupportedSchemaVersion,
 )
-from schemas.ids import uuid7_time_ms
+from agentmesh.schemas.ids import uuid7_time_ms
 
 
 class V2(BaseModel):

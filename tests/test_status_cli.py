@@ -9,7 +9,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from schemas import registry
+from agentmesh.schemas import registry
 from tests.conftest import AgentProcess, eventually
 from tests.helpers import mesh, publish
 

@@ -30,18 +30,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import agents.examples.refund_desk  # noqa: F401  (registers the refund desk's event types)
+import refund_desk  # noqa: F401  (registers the refund desk's event types)
 from agentmesh import devstack, localprocs
-from agentmesh.demo import _replay_one
+from agentmesh.bus import Streams
+from agentmesh.outbox.migrate import migrate
+from agentmesh.outbox.publish import publish_events
+from agentmesh.schemas import registry
+from agentmesh.schemas.ids import new_event_id
 from agentmesh.settings import Settings
-from agents.examples.refund_desk.gateway_standin import paid_twice, read_ledger, request_json
-from bus import Streams
-from outbox.migrate import migrate
-from outbox.publish import publish_events
-from schemas import registry
-from schemas.ids import new_event_id
+from planner_writer.demo import _replay_one
+from refund_desk.gateway_standin import paid_twice, read_ledger, request_json
 
-MODULE = "agents.examples.refund_desk"
+MODULE = "refund_desk"
 AGENTS = ("intake", "risk", "payments", "payments", "notifier")
 SETTLE_TIMEOUT_S = 90.0
 
@@ -239,7 +239,7 @@ async def _run(
     s: Settings, desk: Desk, batch: list[DemoTicket], plan: DemoPlan, console: Console
 ) -> RefundDemoResult:
     """Publish the tickets at a steady pace, start the outage partway, follow until settled."""
-    from outbox.sessions import sessions
+    from agentmesh.outbox.sessions import sessions
 
     redis = Redis.from_url(s.redis_url)
     conn = await asyncpg.connect(s.postgres_dsn)
@@ -475,7 +475,7 @@ async def _one_session(s: Settings, prefix: str, console: Console) -> str | None
 async def _next_steps(s: Settings, prefix: str, console: Console) -> None:
     """With --keep: the operator's next commands, with real ids from this run."""
     from agentmesh.dlq_cli import DlqFilter, read_dlq
-    from outbox.sessions import waiting_steps
+    from agentmesh.outbox.sessions import waiting_steps
 
     conn = await asyncpg.connect(s.postgres_dsn)
     try:
@@ -487,7 +487,7 @@ async def _next_steps(s: Settings, prefix: str, console: Console) -> None:
     console.print()
     console.print("[bold]the desk is still running (--keep).[/] Try, in another shell "
                   "(after `source .venv/bin/activate`):")  # fmt: skip
-    lines = ["export MESH_AGENTS_MODULE=agents.examples.refund_desk", "mesh status"]
+    lines = ["export MESH_AGENTS_MODULE=refund_desk", "mesh status"]
     if waiting:
         w = waiting[0].session_id
         lines += [f"mesh approve {w} --reason 'known customer'", f"mesh session {w}"]

@@ -21,8 +21,11 @@ from urllib.parse import urlparse
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agents import Agent, Context, DependencySpec, NonRetryable, RetryPolicy
-from agents.examples.refund_desk.events import (
+from agentmesh.agents import Agent, Context, DependencySpec, NonRetryable, RetryPolicy
+from agentmesh.agents.periodic import Tick
+from agentmesh.schemas import registry
+from agentmesh.schemas.approval import Decision, decision_key, ended, waiting
+from refund_desk.events import (
     ApprovalDecided,
     ApprovalRequested,
     Classified,
@@ -36,10 +39,7 @@ from agents.examples.refund_desk.events import (
     Ticket,
     TicketClosed,
 )
-from agents.examples.refund_desk.gateway_standin import request_json
-from agents.periodic import Tick
-from schemas import registry
-from schemas.approval import Decision, decision_key, ended, waiting
+from refund_desk.gateway_standin import request_json
 
 
 class DeskSettings(BaseSettings):
@@ -199,7 +199,7 @@ async def compensate(f: RefundFailed, ctx: Context) -> dict[str, Any]:
 async def expire_waiting(tick: Tick) -> None:
     """The session deadline: an approval nobody gave in time is decided as `expire`. It shares
     the decision's idempotency key, so a human decision racing it still wins or loses whole."""
-    from outbox.sessions import waiting_steps
+    from agentmesh.outbox.sessions import waiting_steps
 
     late = await waiting_steps(tick.pool, deadline_before=time.time(), limit=200)
     events = []

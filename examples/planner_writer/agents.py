@@ -12,8 +12,8 @@ import hashlib
 
 from pydantic import BaseModel, Field
 
-from agents import Agent, Context, DependencySpec
-from schemas import registry
+from agentmesh.agents import Agent, Context, DependencySpec
+from agentmesh.schemas import registry
 
 
 class TaskSubmitted(BaseModel):

@@ -25,15 +25,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import agents.examples  # noqa: F401  (registers the example agents' event types)
+import planner_writer.agents  # noqa: F401  (registers the example agents' event types)
 from agentmesh import devstack
+from agentmesh.bus import Streams
+from agentmesh.outbox.migrate import migrate
+from agentmesh.outbox.publish import publish_events
+from agentmesh.outbox.replay import replay_session
+from agentmesh.schemas import registry
 from agentmesh.settings import Settings
 from agentmesh.timeline import render
-from bus import Streams
-from outbox.migrate import migrate
-from outbox.publish import publish_events
-from outbox.replay import replay_session
-from schemas import registry
 
 GOALS = [
     "explain consumer groups to a new teammate",
@@ -87,7 +87,7 @@ def run_demo(
         "MESH_POSTGRES_DSN": s.postgres_dsn,
         "MESH_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
         "MESH_AUDIT_TOPIC": s.audit_topic,
-        "MESH_AGENTS_MODULE": "agents.examples",
+        "MESH_AGENTS_MODULE": "planner_writer",
         "MESH_HTTP_PORT": "0",
         "MESH_LOG_FORMAT": "json",
     }

@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from schemas import registry
-from schemas.approval import Decision
+from agentmesh.schemas import registry
+from agentmesh.schemas.approval import Decision
 
 Category = Literal["damaged", "not_received", "late", "wrong_item", "other"]
 Outcome = Literal["refunded", "rejected", "compensated", "expired"]
