@@ -18,6 +18,9 @@ minute) never holds back the commit of the others, and reading goes on while Pos
 A crash between any two steps is safe: before the commit nothing is recorded and the entry
 is still pending; after it the redelivery finds the idempotency row and only re-sends what
 is stored (ARCHITECTURE.md has the table).
+
+What a failed entry becomes (a retry or a DLQ record) is decided in agents/failures.py. The
+loop gets what it needs from its process as one `ConsumerDeps` (agents/consumer_deps.py).
 """
 
 from __future__ import annotations
@@ -25,46 +28,29 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import json
-import random
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
-from aiobreaker import CircuitBreakerError
 from pydantic import BaseModel
 
-from agentmesh import faults
 from agentmesh.agents.agent import HandlerSpec
+from agentmesh.agents.consumer_deps import ConsumerDeps
 from agentmesh.agents.context import Context
-from agentmesh.agents.resilience import NonRetryable
+from agentmesh.agents.failures import Failures, HandlerTimeout, NoHandler, TooManyDeliveries
 from agentmesh.bus.deadletter import DeadLetter
 from agentmesh.bus.entry import Outgoing, StreamEntry
 from agentmesh.bus.streams import Streams
 from agentmesh.outbox.unit_of_work import CommitResult, UnitOfWork, Work
+from agentmesh.process import faults
 from agentmesh.schemas.audit import ACTION, ActionRecorded
 from agentmesh.schemas.errors import PoisonMessage
 from agentmesh.schemas.registry import Decoded
 
-if TYPE_CHECKING:
-    from agentmesh.agents.runner import Runner
-
 log = structlog.get_logger("agentmesh.consumer")
-
-
-class NoHandler(PoisonMessage):
-    reason = "no_handler"
-
-
-class TooManyDeliveries(Exception):
-    pass
-
-
-class HandlerTimeout(Exception):
-    """A handler exceeded its time limit; retried like any failure, then dead-lettered."""
 
 
 @dataclass(order=True)
@@ -85,18 +71,25 @@ class _Done:
 
 
 class ConsumerLoop:
-    def __init__(self, runner: Runner, name: str) -> None:
-        self.runner = runner
+    def __init__(self, deps: ConsumerDeps, name: str) -> None:
+        self.deps = deps
         self.name = name
-        s = runner.settings
+        s = deps.settings
         self.streams = Streams(
-            runner.redis,
-            group=runner.agent.name,
+            deps.redis,
+            group=deps.agent.name,
             consumer=name,
             dedup_ttl_s=s.dedup_ttl_s,
             dlq_stream=s.dlq_stream,
         )
-        self.uow = UnitOfWork(runner.pool, runner.agent.name)
+        self.uow = UnitOfWork(deps.pool, deps.agent.name)
+        self.failures = Failures(
+            streams=self.streams,
+            settings=s,
+            metrics=deps.metrics,
+            agent=deps.agent.name,
+            schedule=self._schedule,
+        )
         self.retries: list[_Retry] = []
         self._seq = itertools.count()
         self._latency_children: dict[str, Any] = {}
@@ -130,7 +123,7 @@ class ConsumerLoop:
             self._reset()
 
     async def _read_loop(self, stop: asyncio.Event, commit: asyncio.Task[None]) -> None:
-        s = self.runner.settings
+        s = self.deps.settings
         claim_every = max(s.claim_idle_ms / 2000, 0.2)
         next_claim = 0.0
         while not stop.is_set() and not commit.done():
@@ -155,7 +148,7 @@ class ConsumerLoop:
                 await self._admit(batch)
 
     async def _commit_loop(self, stop: asyncio.Event) -> None:
-        batch_size = self.runner.settings.batch_size
+        batch_size = self.deps.settings.batch_size
         while not (stop.is_set() and not self.inflight):
             try:
                 # asyncio.timeout, not wait_for: on Python 3.11, wait_for(queue.get()) can take
@@ -172,8 +165,8 @@ class ConsumerLoop:
 
     # -- reading ------------------------------------------------------------------------------
     async def _read_new(self, max_wait_s: float, limit: int) -> list[StreamEntry]:
-        s = self.runner.settings
-        normal, probe = self.runner.stream_modes()
+        s = self.deps.settings
+        normal, probe = self.deps.stream_modes()
         batch: list[StreamEntry] = []
         if probe:  # a breaker's reset timeout passed: let one entry through as the probe
             batch = await self.streams.read(probe, count=1, block_ms=None)
@@ -196,7 +189,7 @@ class ConsumerLoop:
             due.append(heapq.heappop(self.retries))
         if not due:
             return []
-        paused, _ = self.runner.paused_streams()
+        paused, _ = self.deps.paused_streams()
         out: list[StreamEntry] = []
         for (stream, count), group in itertools.groupby(
             sorted(due, key=lambda r: (r.entry.stream, r.count)),
@@ -217,12 +210,12 @@ class ConsumerLoop:
     async def _reclaim(self, limit: int) -> list[StreamEntry]:
         mine = set(self.inflight) | {(r.entry.stream, r.entry.id) for r in self.retries}
         out: list[StreamEntry] = []
-        paused, _ = self.runner.paused_streams()
-        for stream in self.runner.agent.streams:
+        paused, _ = self.deps.paused_streams()
+        for stream in self.deps.agent.streams:
             if stream in paused:
                 continue
             claimed = await self.streams.autoclaim(
-                stream, min_idle_ms=self.runner.settings.claim_idle_ms, count=limit
+                stream, min_idle_ms=self.deps.settings.claim_idle_ms, count=limit
             )
             out += [e for e in claimed if (e.stream, e.id) not in mine]
         if out:
@@ -236,7 +229,7 @@ class ConsumerLoop:
 
     # -- admission ----------------------------------------------------------------------------
     async def _admit(self, batch: Sequence[StreamEntry]) -> None:
-        agent, s = self.runner.agent, self.runner.settings
+        agent, s = self.deps.agent, self.deps.settings
         dead: list[DeadLetter] = []
         ready: list[tuple[StreamEntry, Decoded, HandlerSpec]] = []
         keys: set[str] = set()
@@ -254,10 +247,10 @@ class ConsumerLoop:
                         f"agent {agent.name!r} has no handler for {decoded.envelope.type!r}"
                     )
             except PoisonMessage as exc:
-                dead.append(self._letter(e, exc, exc.reason, with_tb=False))
+                dead.append(self.failures.letter(e, exc, exc.reason, with_tb=False))
                 continue
             except TooManyDeliveries as exc:
-                dead.append(self._letter(e, exc, "max_deliveries", with_tb=False))
+                dead.append(self.failures.letter(e, exc, "max_deliveries", with_tb=False))
                 continue
             key = decoded.envelope.idempotency_key
             if key in keys or key in self.inflight_keys:
@@ -266,7 +259,7 @@ class ConsumerLoop:
                 continue
             keys.add(key)
             ready.append((e, decoded, spec))
-        await self._dead_letter(dead)
+        await self.failures.dead_letter(dead)
 
         # redeliveries of work already committed: re-send what is stored, do not run again
         try:
@@ -282,7 +275,7 @@ class ConsumerLoop:
         if stored:
             await self.streams.publish([o for handoffs in stored.values() for o in handoffs])
             await self.streams.ack([e for e, d, _ in ready if d.envelope.idempotency_key in stored])
-            self.runner.metrics.duplicates.labels(agent.name).inc(len(stored))
+            self.deps.metrics.duplicates.labels(agent.name).inc(len(stored))
         for e, d, spec in ready:
             key = d.envelope.idempotency_key
             if key in stored:
@@ -301,17 +294,17 @@ class ConsumerLoop:
     async def _run_handler(
         self, entry: StreamEntry, decoded: Decoded, spec: HandlerSpec
     ) -> Work | Exception:
-        r = self.runner
+        deps = self.deps
         env = decoded.envelope
         ctx = Context(
-            agent=r.agent.name,
+            agent=deps.agent.name,
             envelope=env,
-            registry=r.agent.registry,
-            emits=r.agent.emits,
-            dependencies=r.dependencies,
+            registry=deps.agent.registry,
+            emits=deps.agent.emits,
+            dependencies=deps.dependencies,
             deliveries=entry.deliveries,
         )
-        limit = spec.timeout_s or r.settings.handler_timeout_s
+        limit = spec.timeout_s or deps.settings.handler_timeout_s
         started = time.perf_counter()
         try:
             async with asyncio.timeout(limit):
@@ -324,10 +317,10 @@ class ConsumerLoop:
             self._latency(env.type).observe(time.perf_counter() - started)
         if isinstance(result, BaseModel):
             result = result.model_dump(mode="json")
-        audit = r.agent.registry.make(
+        audit = deps.agent.registry.make(
             ACTION,
             ActionRecorded(
-                agent=r.agent.name,
+                agent=deps.agent.name,
                 input_event_id=env.event_id,
                 input_type=env.type,
                 result=result,
@@ -335,7 +328,7 @@ class ConsumerLoop:
             ),
             session_id=env.session_id,
             causation_id=env.event_id,
-            source=r.agent.name,
+            source=deps.agent.name,
         )
         return Work(
             idempotency_key=env.idempotency_key,
@@ -350,13 +343,13 @@ class ConsumerLoop:
     def _latency(self, event_type: str) -> Any:
         child = self._latency_children.get(event_type)
         if child is None:
-            child = self.runner.metrics.handler_seconds.labels(self.runner.agent.name, event_type)
+            child = self.deps.metrics.handler_seconds.labels(self.deps.agent.name, event_type)
             self._latency_children[event_type] = child
         return child
 
     # -- settling: commit, publish, ack -------------------------------------------------------
     async def _settle(self, group: Sequence[_Done]) -> None:
-        m, name = self.runner.metrics, self.runner.agent.name
+        m, name = self.deps.metrics, self.deps.agent.name
         m.batch_size.labels(name).observe(len(group))
         try:
             works = [d.outcome for d in group if isinstance(d.outcome, Work)]
@@ -375,7 +368,7 @@ class ConsumerLoop:
                 m.duplicates.labels(name).inc(len(result.duplicates))
             by_key = {d.key: d.entry for d in group}
             failures += [(by_key[w.idempotency_key], exc) for w, exc in result.failed]
-            await self._failed(failures)
+            await self.failures.failed(failures)
         finally:
             for d in group:
                 self.inflight.pop((d.entry.stream, d.entry.id), None)
@@ -391,64 +384,17 @@ class ConsumerLoop:
             try:
                 return await self.uow.commit(works)
             except Exception as exc:
-                if self.runner.stop_event.is_set():
+                if self.deps.stop_event.is_set():
                     raise
                 log.error("commit failed; retrying", error=_describe(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _failed(self, failures: Sequence[tuple[StreamEntry, Exception]]) -> None:
-        r = self.runner
-        s, m, name = r.settings, r.metrics, r.agent.name
-        dead: list[DeadLetter] = []
-        counted = [(e, x) for e, x in failures if not isinstance(x, CircuitBreakerError)]
-        await self.streams.record_failures([(e, f"{type(x).__name__}: {x}") for e, x in counted])
-        for e, exc in failures:
-            if isinstance(exc, CircuitBreakerError):  # not the message's fault: wait, uncounted
-                self._schedule(e, delay=0.5, count=False)
-                continue
-            etype = _type_of(e)
-            m.failed.labels(name, etype).inc()
-            if isinstance(exc, NonRetryable):
-                dead.append(self._letter(e, exc, "non_retryable"))
-            elif e.deliveries >= s.max_deliveries:
-                dead.append(self._letter(e, exc, "max_deliveries"))
-            else:
-                delay = min(s.retry_initial_s * 2 ** (e.deliveries - 1), s.retry_max_s)
-                self._schedule(e, delay=delay * random.uniform(0.8, 1.2), count=True)
-                m.retried.labels(name, etype).inc()
-                log.info(
-                    "handler failed, will retry", id=e.id, deliveries=e.deliveries, error=str(exc)
-                )
-        await self._dead_letter(dead)
-
-    async def _dead_letter(self, dead: Sequence[DeadLetter]) -> None:
-        if not dead:
-            return
-        await self.streams.dead_letter(dead)
-        for d in dead:
-            self.runner.metrics.dead_lettered.labels(self.runner.agent.name, d.reason).inc()
-            log.warning(
-                "dead-lettered",
-                stream=d.entry.stream,
-                id=d.entry.id,
-                reason=d.reason,
-                error=d.error,
-            )
-
-    def _letter(
-        self, e: StreamEntry, exc: BaseException, reason: str, *, with_tb: bool = True
-    ) -> DeadLetter:
-        agent = self.runner.agent.name
-        return DeadLetter.from_exception(
-            e, exc, reason=reason, group=agent, agent=agent, with_traceback=with_tb
-        )
-
     # -- keeping claims -----------------------------------------------------------------------
     async def heartbeat(self, stop: asyncio.Event) -> None:
         """Touch in-flight and parked entries well before `claim_idle_ms`, so a long handler
         (an LLM call of minutes) is not reclaimed and run a second time mid-way."""
-        interval = max(self.runner.settings.claim_idle_ms / 3000, 0.05)
+        interval = max(self.deps.settings.claim_idle_ms / 3000, 0.05)
         next_beat = time.monotonic() + interval
         # beat on through SIGTERM's grace period while handlers are still in flight
         while not (stop.is_set() and not self.inflight):
@@ -476,10 +422,3 @@ class ConsumerLoop:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-def _type_of(e: StreamEntry) -> str:
-    try:
-        return str(json.loads(e.raw).get("type", "?"))
-    except Exception:
-        return "?"

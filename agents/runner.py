@@ -24,10 +24,11 @@ from redis.exceptions import RedisError
 
 from agentmesh.agents.agent import Agent
 from agentmesh.agents.consumer import ConsumerLoop
+from agentmesh.agents.consumer_deps import ConsumerDeps
 from agentmesh.agents.metrics import Metrics
 from agentmesh.agents.periodic import Tick, run_periodic
 from agentmesh.agents.resilience import STATE_VALUE, Dependency
-from agentmesh.health import HealthServer
+from agentmesh.process.health import HealthServer
 from agentmesh.settings import Settings
 
 BREAKER_REPORT_PREFIX = "mesh:breakers:"  # + replica name: {agent, replica, states}
@@ -91,7 +92,8 @@ class Runner:
             socket_connect_timeout=5,
         )
         self.pool = await asyncpg.create_pool(s.postgres_dsn, min_size=1, max_size=s.pg_pool_size)
-        self.loops = [ConsumerLoop(self, n) for n in self.consumer_names]
+        deps = self._consumer_deps()
+        self.loops = [ConsumerLoop(deps, n) for n in self.consumer_names]
         for stream in self.agent.streams:
             await self.loops[0].streams.ensure_group(stream)
         self.http = HealthServer(
@@ -119,6 +121,20 @@ class Runner:
             streams=self.agent.streams,
             consumers=len(self.loops),
             http_port=port,
+        )
+
+    def _consumer_deps(self) -> ConsumerDeps:
+        """What the consumer loops use of this process (once Redis and Postgres are up)."""
+        return ConsumerDeps(
+            settings=self.settings,
+            agent=self.agent,
+            redis=self.redis,
+            pool=self.pool,
+            metrics=self.metrics,
+            dependencies=self.dependencies,
+            paused_streams=self.paused_streams,
+            stream_modes=self.stream_modes,
+            stop_event=self.stop_event,
         )
 
     async def _guard(self, fn: Any, name: str) -> None:

@@ -54,11 +54,12 @@ from aiokafka import AIOKafkaProducer, TopicPartition  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from agentmesh import devstack  # noqa: E402
-from agentmesh.logs import configure as configure_logs  # noqa: E402
-from agentmesh.outbox import kafka  # noqa: E402
+from agentmesh.outbox import kafka, outbox_rows  # noqa: E402
 from agentmesh.outbox.migrate import migrate  # noqa: E402
+from agentmesh.outbox.outbox_rows import OutboxRows  # noqa: E402
 from agentmesh.outbox.relay import SLOT_LOCK_CLASS, Relay  # noqa: E402
 from agentmesh.outbox.replay import Replay, replay_session  # noqa: E402
+from agentmesh.process.logs import configure as configure_logs  # noqa: E402
 from agentmesh.schemas import registry  # noqa: E402
 from agentmesh.schemas.envelope import Envelope  # noqa: E402
 from agentmesh.settings import Settings  # noqa: E402
@@ -75,12 +76,6 @@ FILLER_SESSIONS = 5_000
 TARGET_RECENT = "target-recent"
 TARGET_LONG = "target-long"
 
-_INSERT = """
-INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, idempotency_key,
-                         causation_id, schema_version, session_hash)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::text[], $9::int[], $10::int[])
-"""
 _BACKLOG = "SELECT count(*) FROM mesh_outbox WHERE published_at IS NULL"
 _SLOTS = """
 SELECT pid, count(*) AS slots FROM pg_locks
@@ -252,14 +247,10 @@ async def insert_rows(pg: asyncpg.Connection, envs: Sequence[Envelope], chunk: i
     in one transaction, so a running relay sees them at once, at COMMIT."""
     async with pg.transaction():
         for i in range(0, len(envs), chunk):
-            cols: list[list[Any]] = [[] for _ in range(10)]
+            rows = OutboxRows()
             for e in envs[i : i + chunk]:
-                values = (e.event_id, e.session_id, e.type, None, e.to_json(), e.source,
-                          e.idempotency_key, e.causation_id, e.schema_version,
-                          kafka.session_hash(e.session_id))  # fmt: skip
-                for col, v in zip(cols, values, strict=True):
-                    col.append(v)
-            await pg.execute(_INSERT, *cols)
+                rows.add(None, e)
+            await outbox_rows.insert(pg, rows, skip_existing=False)
 
 
 async def reset_pg(pg: asyncpg.Connection) -> None:
@@ -734,7 +725,7 @@ def broker_info() -> dict[str, str]:
         tansu = out.split()[-1]
     s3rver = "?"
     with contextlib.suppress(Exception):
-        pkg = devstack._node_prefix() / "node_modules" / "s3rver" / "package.json"
+        pkg = devstack.node_prefix() / "node_modules" / "s3rver" / "package.json"
         s3rver = json.loads(pkg.read_text())["version"]
     return {
         **machine_info(),

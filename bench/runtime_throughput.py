@@ -52,8 +52,8 @@ from redis.asyncio import Redis  # noqa: E402
 
 from agentmesh import devstack  # noqa: E402
 from agentmesh.agents.runner import Runner  # noqa: E402
-from agentmesh.logs import configure as configure_logs  # noqa: E402
 from agentmesh.outbox.migrate import migrate  # noqa: E402
+from agentmesh.process.logs import configure as configure_logs  # noqa: E402
 from agentmesh.schemas import registry  # noqa: E402
 from agentmesh.schemas.envelope import Envelope  # noqa: E402
 from agentmesh.settings import Settings  # noqa: E402

@@ -13,16 +13,10 @@ from typing import Any
 
 import asyncpg
 
-from agentmesh.outbox.kafka import session_hash
+from agentmesh.outbox import outbox_rows
 from agentmesh.schemas.audit import OPERATOR
 from agentmesh.schemas.envelope import Envelope
 from agentmesh.schemas.registry import registry
-
-_INSERT_SQL = """
-INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, idempotency_key,
-                         causation_id, schema_version, session_hash)
-VALUES ($1, $2, $3, NULL, $4, $5, $6, $7, $8, $9)
-"""
 
 NO_SESSION = "operator"  # where an action on an unreadable envelope or many sessions is filed
 
@@ -59,16 +53,7 @@ async def record_operator_action(
         source=f"operator:{operator}",
         causation_id=event_id,
     )
-    await conn.execute(
-        _INSERT_SQL,
-        env.event_id,
-        env.session_id,
-        env.type,
-        env.to_json(),
-        env.source,
-        env.idempotency_key,
-        env.causation_id,
-        env.schema_version,
-        session_hash(env.session_id),
-    )
+    row = outbox_rows.OutboxRows()
+    row.add(None, env)  # no stream: the audit log only
+    await outbox_rows.insert(conn, row, skip_existing=False)
     return env

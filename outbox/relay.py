@@ -38,8 +38,8 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from agentmesh import faults
 from agentmesh.outbox import kafka
+from agentmesh.process import faults
 from agentmesh.settings import Settings
 
 log = structlog.get_logger("agentmesh.relay")
@@ -680,7 +680,7 @@ async def serve(s: Settings) -> None:
     or SIGINT. In-flight rounds finish (acks awaited, rows marked) before it exits."""
     import signal
 
-    from agentmesh.health import HealthServer
+    from agentmesh.process.health import HealthServer
 
     relay = Relay(s)
     stop = asyncio.Event()

@@ -5,6 +5,8 @@ round trip and one fsync. The idempotency insert is `ON CONFLICT DO NOTHING`: a 
 other consumer already committed simply yields no row, and everything hanging off it (the
 action, the outbox rows) is skipped in the same statement. If the batch statement fails, each
 message is retried alone, so one bad message cannot hold back the other 199.
+
+The outbox part of the statement (its columns, its INSERT) comes from outbox/outbox_rows.py.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from typing import Any
 import asyncpg
 
 from agentmesh.bus.entry import Outgoing
-from agentmesh.outbox.kafka import session_hash
+from agentmesh.outbox.outbox_rows import OutboxRows, committed_insert_sql
 from agentmesh.schemas.envelope import Envelope
 
-_COMMIT_SQL = """
+_COMMIT_SQL = f"""
 WITH input AS (
     SELECT * FROM unnest($2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
                          $7::text[], $8::text[], $9::int[])
@@ -42,17 +44,7 @@ act AS (
     RETURNING id
 ),
 ob AS (
-    INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, idempotency_key,
-                             causation_id, schema_version, session_hash)
-    SELECT o.event_id, o.session_id, o.type, o.stream, o.envelope, $1, o.idempotency_key,
-           o.causation_id, o.schema_version, o.session_hash
-    FROM unnest($10::uuid[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
-                $16::text[], $17::int[], $18::int[])
-         WITH ORDINALITY AS o(event_id, session_id, type, stream, envelope, idempotency_key,
-                              causation_id, schema_version, session_hash, ord)
-    JOIN idem USING (idempotency_key)
-    ORDER BY o.ord
-    RETURNING id
+    {committed_insert_sql(agent="$1", first=10, committed="idem")}
 )
 SELECT idempotency_key FROM idem
 """
@@ -146,9 +138,8 @@ class UnitOfWork:
 
     async def _commit(self, works: Sequence[Work]) -> set[str]:
         cols: list[list[Any]] = [[] for _ in range(8)]
-        ocols: list[list[Any]] = [[] for _ in range(9)]
+        outbox = OutboxRows(agent=self.agent)
         for w in works:
-            emitted = [(None, e) for e in w.audit] + [(s, e) for s, e in w.handoffs]
             for col, val in zip(
                 cols,
                 (
@@ -164,22 +155,9 @@ class UnitOfWork:
                 strict=True,
             ):
                 col.append(val)
-            for stream, env in emitted:
-                for col, val in zip(
-                    ocols,
-                    (
-                        env.event_id,
-                        env.session_id,
-                        env.type,
-                        stream,
-                        env.to_json(),
-                        w.idempotency_key,
-                        env.causation_id,
-                        env.schema_version,
-                        session_hash(env.session_id),
-                    ),
-                    strict=True,
-                ):
-                    col.append(val)
-        rows = await self.pool.fetch(_COMMIT_SQL, self.agent, *cols, *ocols)
+            for env in w.audit:  # Kafka only
+                outbox.add(None, env, w.idempotency_key)
+            for stream, env in w.handoffs:
+                outbox.add(stream, env, w.idempotency_key)
+        rows = await self.pool.fetch(_COMMIT_SQL, self.agent, *cols, *outbox.params())
         return {r["idempotency_key"] for r in rows}

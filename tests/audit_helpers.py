@@ -13,16 +13,10 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 import tests.mesh_fixture  # noqa: F401  (registers the test event types)
-from agentmesh.outbox import kafka
+from agentmesh.outbox import kafka, outbox_rows
+from agentmesh.outbox.outbox_rows import OutboxRows
 from agentmesh.schemas import Envelope, registry
 from agentmesh.settings import Settings
-
-_INSERT = """
-INSERT INTO mesh_outbox (event_id, session_id, type, stream, envelope, agent, idempotency_key,
-                         causation_id, schema_version, session_hash)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::text[], $9::int[], $10::int[])
-"""
 
 
 def settings_from(env: dict[str, str], **overrides: Any) -> Settings:
@@ -39,14 +33,10 @@ def event(session: str, seq: int) -> Envelope:
 
 async def insert(conn: asyncpg.Connection | asyncpg.Pool, envs: list[Envelope]) -> None:
     """Outbox rows as an agent's unit of work writes them (audit-only: no Redis stream)."""
-    cols: list[list[Any]] = [[] for _ in range(10)]
+    rows = OutboxRows()
     for e in envs:
-        values = (e.event_id, e.session_id, e.type, None, e.to_json(), e.source,
-                  e.idempotency_key, e.causation_id, e.schema_version,
-                  kafka.session_hash(e.session_id))  # fmt: skip
-        for col, v in zip(cols, values, strict=True):
-            col.append(v)
-    await conn.execute(_INSERT, *cols)
+        rows.add(None, e)
+    await outbox_rows.insert(conn, rows, skip_existing=False)
 
 
 class LoadGen:

@@ -47,7 +47,7 @@ class Gateway:
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 15
-        while not devstack._tcp_open("127.0.0.1", gw.port):
+        while not devstack.tcp_open("127.0.0.1", gw.port):
             assert time.monotonic() < deadline, gw.log.read_text()
             time.sleep(0.05)
         return gw

@@ -9,10 +9,10 @@ from aiokafka.partitioner import DefaultPartitioner
 
 import tests.mesh_fixture  # noqa: F401  (registers the test event types and projections)
 from agentmesh.agents.agent import AGENTS
+from agentmesh.cli.timeline import summary
 from agentmesh.outbox.kafka import partition_of, session_hash
 from agentmesh.outbox.replay import ReplayedEvent, Until, fold_state
 from agentmesh.schemas import registry
-from agentmesh.timeline import summary
 
 
 @pytest.mark.parametrize("session", ["s-1", "demo-ab12-3", "ünïcode-session", "x" * 64])

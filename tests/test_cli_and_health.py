@@ -64,6 +64,27 @@ def test_operator_commands_refuse_bad_input_with_a_clear_error(base_env: dict[st
         assert r.stdout == "", (args, r.stdout)  # nothing half-printed, --json or not
 
 
+def test_a_process_without_an_agents_module_stops_with_one_line(
+    base_env: dict[str, str],
+) -> None:
+    """No default MESH_AGENTS_MODULE: a production process that forgot it must not quietly
+    run some example's agents."""
+    env = {k: v for k, v in base_env.items() if k != "MESH_AGENTS_MODULE"}
+    for args in (["agent", "run", "worker"], ["agent", "list"], ["status"]):
+        r = mesh(env, *args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert r.stderr.strip().splitlines() == [
+            "error: MESH_AGENTS_MODULE is not set: name the module that defines your agents "
+            "(or pass --module)"
+        ], r.stderr
+
+
+def test_version(base_env: dict[str, str]) -> None:
+    r = mesh(base_env, "--version")
+    assert r.returncode == 0 and r.stdout.startswith("mesh "), r.stdout + r.stderr
+    assert r.stdout.split()[1][0].isdigit()
+
+
 def test_config_json_is_the_settings_in_force(base_env: dict[str, str]) -> None:
     r = mesh(base_env, "config", "--json")
     assert r.returncode == 0, r.stderr

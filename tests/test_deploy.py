@@ -4,6 +4,7 @@ agent its module defines, with the environment it needs. (Docker does not run he
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _agents_of(module: str) -> set[str]:
     """The agents `mesh agent list` finds in module, in a fresh process (no test agents)."""
     argv = [sys.executable, "-m", "agentmesh", "agent", "list", "-m", module, "--json"]
-    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "examples")}  # as the demo image sets it
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     return {a["name"] for a in json.loads(r.stdout)}
 
@@ -45,5 +47,12 @@ def test_every_compose_agent_service_runs_an_agent_of_its_module() -> None:
 
 def test_the_image_copies_every_package_the_project_ships() -> None:
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    runtime, demo = dockerfile.split("FROM runtime AS demo")
     for package in ("agentmesh", "agents", "bus", "outbox", "schemas"):
-        assert f"COPY {package} ./{package}" in dockerfile, package
+        assert f"COPY {package} ./{package}" in runtime, package
+    assert "COPY examples" not in runtime  # the runtime image ships no example agents
+    assert "COPY examples ./examples" in demo and "PYTHONPATH=/app/examples" in demo
+    compose: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name, svc in compose["services"].items():
+        if "build" in svc:  # the compose file runs the example desk: the demo image
+            assert svc["build"]["target"] == "demo", name

@@ -21,6 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from agentmesh import devstack
 from agentmesh.devstack import StackConfig, StackError
+from agentmesh.devstack.config import S3_BUCKET
 
 
 def _proc_table() -> dict[int, tuple[str, int]]:
@@ -187,7 +188,7 @@ def test_an_upload_cut_short_leaves_the_previous_object(cfg: StackConfig) -> Non
     """A broker killed mid-PUT must not leave a partial object behind (real S3 never does);
     plain s3rver truncates the file first, which once emptied a Tansu watermark."""
     devstack.up(cfg, ["kafka"])
-    path = f"/{devstack.S3_BUCKET}/cut-short.json"
+    path = f"/{S3_BUCKET}/cut-short.json"
     _http(cfg, "PUT", path, b'{"watermark": 41}')
     with socket.create_connection((cfg.host, cfg.s3_port), timeout=10) as s:
         s.sendall(

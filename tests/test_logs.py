@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from agentmesh.logs import RepeatFilter
+from agentmesh.process.logs import RepeatFilter
 
 
 def _record(msg: str, *args: object) -> logging.LogRecord:

@@ -12,8 +12,7 @@ import hashlib
 
 from pydantic import BaseModel, Field
 
-from agentmesh.agents import Agent, Context, DependencySpec
-from agentmesh.schemas import registry
+from agentmesh import Agent, Context, DependencySpec, registry
 
 
 class TaskSubmitted(BaseModel):

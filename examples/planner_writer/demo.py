@@ -19,21 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-from redis.asyncio import Redis
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import planner_writer.agents  # noqa: F401  (registers the example agents' event types)
-from agentmesh import devstack
-from agentmesh.bus import Streams
+from agentmesh import Mesh, Settings, devstack
+from agentmesh.cli.timeline import render
 from agentmesh.outbox.migrate import migrate
-from agentmesh.outbox.publish import publish_events
-from agentmesh.outbox.replay import replay_session
-from agentmesh.schemas import registry
-from agentmesh.settings import Settings
-from agentmesh.timeline import render
 
 GOALS = [
     "explain consumer groups to a new teammate",
@@ -105,7 +99,7 @@ def run_demo(
         sessions, completed = asyncio.run(_publish_and_follow(s, tasks, console))
         asyncio.run(_show(s, sessions, console))
         if completed:
-            asyncio.run(_replay_one(s, sessions[0], console))
+            asyncio.run(replay_one(s, sessions[0], console))
     finally:
         for p in procs:
             p.stop()
@@ -118,23 +112,16 @@ def run_demo(
 
 
 async def _publish_and_follow(s: Settings, tasks: int, console: Console) -> tuple[list[str], int]:
-    redis = Redis.from_url(s.redis_url)
-    pool = await asyncpg.create_pool(s.postgres_dsn, min_size=1, max_size=2)
-    try:
-        bus = Streams(redis, group="-", consumer="-", dedup_ttl_s=s.dedup_ttl_s)
+    async with Mesh(s, operator="demo") as mesh:
         stamp = secrets.token_hex(2)
-        envs = [
-            registry.make(
-                "task.submitted",
-                {"goal": GOALS[i % len(GOALS)]},
-                session_id=f"demo-{stamp}-{i + 1}",
-                source="demo",
-            )
-            for i in range(tasks)
-        ]
-        await publish_events(pool, bus, [(registry.stream_of(e.type), e) for e in envs])
+        sessions = []
+        for i in range(tasks):
+            goal = {"goal": GOALS[i % len(GOALS)]}
+            session = f"demo-{stamp}-{i + 1}"
+            sent = await mesh.publish("task.submitted", goal, session_id=session, source="demo")
+            sessions.append(sent.session_id)
         console.print(f"[green]✓[/] published {tasks} task.submitted events onto mesh:tasks")
-        sessions = [e.session_id for e in envs]
+        pool = await mesh.pg()
         done = 0
         with Progress(
             TextColumn("waiting for drafts"),
@@ -159,15 +146,12 @@ async def _publish_and_follow(s: Settings, tasks: int, console: Console) -> tupl
         else:
             console.print(f"[green]✓[/] all {tasks} sessions went planner → writer")
         return sessions, int(done)
-    finally:
-        await pool.close()
-        await redis.aclose()
 
 
 async def _show(s: Settings, sessions: list[str], console: Console) -> None:
-    conn = await asyncpg.connect(s.postgres_dsn)
-    try:
-        rows = await conn.fetch(
+    """What Postgres recorded: one row per agent action, with what it handed off."""
+    async with Mesh(s) as mesh:
+        rows = await (await mesh.pg()).fetch(
             """SELECT a.session_id, a.created_at, a.agent, a.input_type, a.result,
                       coalesce(string_agg(o.type, ', ' ORDER BY o.id)
                                FILTER (WHERE o.stream IS NOT NULL), '') AS handed_off
@@ -178,38 +162,25 @@ async def _show(s: Settings, sessions: list[str], console: Console) -> None:
                GROUP BY a.id ORDER BY a.session_id, a.id""",
             sessions,
         )
-    finally:
-        await conn.close()
     table = Table(title="handoffs, as recorded in PostgreSQL (one row per agent action)")
     for col in ("session", "time", "agent", "consumed → handed off", "result"):
         table.add_column(col, no_wrap=True)
     for r in rows:
         table.add_row(
-            r["session_id"],
+            escape(r["session_id"]),
             r["created_at"].strftime("%H:%M:%S.%f")[:-3],
             r["agent"],
             f"{r['input_type']} → {r['handed_off'] or '—'}",
-            _short(r["result"], 16),
+            escape(_short(r["result"], 16)),
         )
     console.print(table)
 
 
-async def _replay_one(s: Settings, session: str, console: Console) -> None:
+async def replay_one(s: Settings, session: str, console: Console) -> None:
     """Wait for the relay to publish the session, then replay it from Kafka, not Postgres."""
-    conn = await asyncpg.connect(s.postgres_dsn)
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            left = await conn.fetchval(
-                "SELECT count(*) FROM mesh_outbox WHERE session_id = $1 AND published_at IS NULL",
-                session,
-            )
-            if not left:
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await conn.close()
-    rep = await replay_session(s, session)
+    async with Mesh(s) as mesh:
+        await mesh.wait_published(session_id=session, timeout_s=30)
+        rep = await mesh.replay(session)
     console.print()
     console.print("[bold]one session, replayed from the Kafka audit log[/] "
                   f"(the same as `mesh replay {session}`):")  # fmt: skip

@@ -21,10 +21,19 @@ from urllib.parse import urlparse
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agentmesh.agents import Agent, Context, DependencySpec, NonRetryable, RetryPolicy
-from agentmesh.agents.periodic import Tick
-from agentmesh.schemas import registry
-from agentmesh.schemas.approval import Decision, decision_key, ended, waiting
+from agentmesh import (
+    Agent,
+    Context,
+    Decision,
+    DependencySpec,
+    NonRetryable,
+    RetryPolicy,
+    Tick,
+    decision_key,
+    ended,
+    registry,
+    waiting,
+)
 from refund_desk.events import (
     ApprovalDecided,
     ApprovalRequested,

@@ -13,8 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from agentmesh.schemas import registry
-from agentmesh.schemas.approval import Decision
+from agentmesh import Decision, registry
 
 Category = Literal["damaged", "not_received", "late", "wrong_item", "other"]
 Outcome = Literal["refunded", "rejected", "compensated", "expired"]

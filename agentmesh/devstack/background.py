@@ -13,19 +13,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentmesh import devstack
-from agentmesh.devstack import StackConfig, StackError
+from agentmesh.devstack.config import StackConfig, StackError
+from agentmesh.devstack.procs import alive, cmdline, signal_all, spawn, wait_gone
+
+__all__ = ["LocalProcess", "listed", "start", "stop"]
 
 
 @dataclass(frozen=True)
 class LocalProcess:
+    """One mesh process as its pidfile records it."""
+
     name: str
     pid: int
     cmd: str
 
     @property
     def running(self) -> bool:
-        return devstack._alive(self.pid) and self.cmd in devstack._cmdline(self.pid)
+        return alive(self.pid) and self.cmd in cmdline(self.pid)
 
 
 def _dir(cfg: StackConfig) -> Path:
@@ -35,7 +39,7 @@ def _dir(cfg: StackConfig) -> Path:
 def start(cfg: StackConfig, name: str, cmd: Sequence[str], env: dict[str, str]) -> LocalProcess:
     """Start cmd in its own session; its output goes to root/logs/<name>.log."""
     _dir(cfg).mkdir(parents=True, exist_ok=True)
-    pid = devstack._spawn(cfg, name, cmd, env=env, pidfile=False)
+    pid = spawn(cfg, name, cmd, env=env, pidfile=False)
     line = " ".join(cmd)
     (_dir(cfg) / f"{name}.pid").write_text(f"{pid}\n{line}\n")
     return LocalProcess(name, pid, line)
@@ -61,10 +65,10 @@ def listed(cfg: StackConfig) -> list[LocalProcess]:
 def stop(cfg: StackConfig, names: Sequence[str] | None = None, *, timeout: float = 30) -> int:
     """SIGTERM (agents finish in-flight work), wait, then SIGKILL. Returns how many stopped."""
     chosen = [p for p in listed(cfg) if names is None or p.name in names]
-    devstack._signal_all([p.pid for p in chosen], signal.SIGTERM)
-    left = devstack._wait_gone([p.pid for p in chosen], timeout)
-    devstack._signal_all(left, signal.SIGKILL)
-    if devstack._wait_gone(left, 10):
+    signal_all([p.pid for p in chosen], signal.SIGTERM)
+    left = wait_gone([p.pid for p in chosen], timeout)
+    signal_all(left, signal.SIGKILL)
+    if wait_gone(left, 10):
         raise StackError(f"processes {sorted(left)} survived SIGKILL")
     for p in chosen:
         (_dir(cfg) / f"{p.name}.pid").unlink(missing_ok=True)

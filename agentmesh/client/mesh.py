@@ -1,0 +1,229 @@
+"""`Mesh`: the operator's API to a running mesh, as a library.
+
+Everything an operator does (publish and follow a session, decide a waiting step, work the
+dead-letter queue, re-send what a server lost, read status, replay a session) is a method
+here that returns dataclasses and prints nothing. `mesh` (the CLI), the demos, the tests and
+the benchmarks are callers of this class, as a notebook or an admin API would be.
+
+Connections are opened on first use, so a command that needs only Redis works while
+PostgreSQL is down. Every write an operator makes is recorded in the audit log first, under
+`operator` (default: `MESH_OPERATOR`, else the login).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+from agentmesh.bus import Streams
+from agentmesh.client import audit, decisions
+from agentmesh.client.dlq import DeadLetters
+from agentmesh.client.errors import InvalidRequest
+from agentmesh.client.sessions import SessionState, session_states
+from agentmesh.client.status import MeshStatus, RelayStatus, collect, relay_status
+from agentmesh.outbox.operator import current_operator
+from agentmesh.outbox.publish import publish_events
+from agentmesh.outbox.replay import Replay, Until
+from agentmesh.outbox.resend import ResendResult, Selection
+from agentmesh.schemas import PoisonMessage, registry
+from agentmesh.schemas.ids import new_event_id
+from agentmesh.settings import Settings, load_settings
+
+Progress = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Published:
+    event_id: str
+    session_id: str
+    stream: str
+    entry_id: str | None  # None: the event id was already on its stream (deduplicated)
+
+
+class Mesh:
+    """A client of one mesh (its Redis, PostgreSQL and Kafka). Use as an async context
+    manager, or call `close()`."""
+
+    def __init__(self, settings: Settings | None = None, *, operator: str | None = None):
+        self.settings = settings or load_settings()
+        self.operator = operator or current_operator()
+        self.dlq = DeadLetters(self)
+        self._redis: Redis | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+
+    async def __aenter__(self) -> Mesh:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    # -- connections ----------------------------------------------------------------------
+    @property
+    def redis(self) -> Redis:
+        if self._redis is None:
+            self._redis = Redis.from_url(self.settings.redis_url)
+        return self._redis
+
+    async def pg(self) -> asyncpg.Pool:
+        """The PostgreSQL pool, opened on first use."""
+        async with self._pool_lock:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self.settings.postgres_dsn, min_size=1, max_size=4
+                )
+        return self._pool
+
+    @property
+    def streams(self) -> Streams:
+        """A publisher on the bus (deduplicating XADD); it reads no stream."""
+        return Streams(self.redis, group="-", consumer="-", dedup_ttl_s=self.settings.dedup_ttl_s)
+
+    # -- sessions -------------------------------------------------------------------------
+    async def publish(
+        self,
+        event_type: str,
+        payload: dict[str, Any],
+        *,
+        session_id: str | None = None,
+        idempotency_key: str | None = None,
+        stream: str | None = None,
+        source: str | None = None,
+    ) -> Published:
+        """Validate `payload` against its event type (registered by the agents module), write
+        the outbox row, then XADD it onto the type's stream. Raises InvalidRequest."""
+        try:
+            expected = registry.stream_of(event_type)
+            fields: dict[str, Any] = {
+                "session_id": session_id or f"s-{new_event_id()}",
+                "source": source or f"cli:{self.operator}",
+            }
+            if idempotency_key:
+                fields["idempotency_key"] = idempotency_key
+            env = registry.make(event_type, payload, **fields)
+        except PoisonMessage as exc:
+            raise InvalidRequest(f"invalid {event_type} payload: {exc}") from None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if not expected:
+            raise InvalidRequest(f"event type {event_type} has no stream to publish on")
+        if stream is not None and stream != expected:
+            raise InvalidRequest(f"{event_type} travels on stream {expected!r}, not {stream!r}")
+        (entry_id,) = await publish_events(await self.pg(), self.streams, [(expected, env)])
+        return Published(
+            event_id=env.event_id, session_id=env.session_id, stream=expected, entry_id=entry_id
+        )
+
+    async def sessions(self, *, status: str | None = None, limit: int = 50) -> list[SessionState]:
+        """Recent sessions, newest activity first; `status`: running, waiting or ended."""
+        return await session_states(await self.pg(), status=status, limit=limit)
+
+    async def session(self, session_id: str) -> SessionState | None:
+        found = await session_states(await self.pg(), session_id=session_id, limit=1)
+        return found[0] if found else None
+
+    async def follow(
+        self,
+        session_id: str,
+        *,
+        timeout_s: float = 120.0,
+        on_update: Callable[[SessionState], None] | None = None,
+    ) -> SessionState | None:
+        """Poll a session until it ends or waits on a human; the last state seen (None: no
+        agent acted in it within the time)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        state: SessionState | None = None
+        while loop.time() < deadline:
+            state = await self.session(session_id)
+            if state is not None and on_update is not None:
+                on_update(state)
+            if state is not None and state.status in ("ended", "waiting"):
+                return state
+            await asyncio.sleep(0.3)
+        return state
+
+    async def approve(self, session_id: str, *, reason: str = "") -> decisions.DecisionOutcome:
+        """Approve the step the session waits on; tells which decision the agent acted on."""
+        return await decisions.decide(self, session_id, "approve", reason)
+
+    async def reject(self, session_id: str, *, reason: str) -> decisions.DecisionOutcome:
+        """Reject the step the session waits on (the session is compensated and closed)."""
+        return await decisions.decide(self, session_id, "reject", reason)
+
+    # -- status and the audit log ---------------------------------------------------------
+    async def unpublished(self, *, session_id: str | None = None) -> int:
+        """Outbox rows (of one session, or all) the relay has not yet sent to Kafka."""
+        pool = await self.pg()
+        n = await pool.fetchval(
+            "SELECT count(*) FROM mesh_outbox WHERE published_at IS NULL "
+            "AND ($1::text IS NULL OR session_id = $1)",
+            session_id,
+        )
+        return int(n)
+
+    async def wait_published(
+        self, *, session_id: str | None = None, timeout_s: float = 30.0
+    ) -> int:
+        """Wait until the relay has sent every outbox row (of one session, or all) to Kafka;
+        the rows still unsent when the time is up (0: all in the audit log)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            left = await self.unpublished(session_id=session_id)
+            if not left or loop.time() >= deadline:
+                return left
+            await asyncio.sleep(0.1)
+
+    async def status(self, *, streams: set[str] | None = None) -> MeshStatus:
+        """Streams (lag, pending, consumers), DLQ depth, breakers, relay backlog. `streams`:
+        the mesh's known streams to include even if empty; None lists every stream."""
+        return await collect(self, known=streams)
+
+    async def relay_status(self) -> RelayStatus:
+        return await relay_status(self)
+
+    async def replay(
+        self,
+        session_id: str,
+        *,
+        until: Until | None = None,
+        scan: bool = False,
+        progress: Progress | None = None,
+    ) -> Replay:
+        """A session's events from the Kafka audit log, each once, in causal order."""
+        return await audit.replay(self, session_id, until=until, scan=scan, progress=progress)
+
+    async def republish(
+        self,
+        selection: Selection,
+        *,
+        reason: str = "",
+        wait_s: float = 120.0,
+        progress: Progress | None = None,
+    ) -> ResendResult:
+        """Send already-published outbox rows to Kafka again (a broker or topic was lost)."""
+        return await audit.republish(self, selection, reason=reason, wait_s=wait_s,
+                                     progress=progress)  # fmt: skip
+
+    async def redrive(
+        self, selection: Selection, *, reason: str = "", progress: Progress | None = None
+    ) -> ResendResult:
+        """Re-send stored handoffs onto their Redis streams (Redis lost recent writes)."""
+        return await audit.redrive(self, selection, reason=reason, progress=progress)
