@@ -29,9 +29,9 @@ class Settings(BaseSettings):
         default=".mesh", description="data dir of `mesh dev` (inside the project)"
     )
     dev_s3_port: int = Field(default=4569, description="s3rver port of `mesh dev` (broker storage)")
-    agents_module: str = Field(
-        default="planner_writer",
-        description="module that defines the agents `mesh agent run` knows",
+    agents_module: str | None = Field(
+        default=None,
+        description="module that defines the agents (required: there is no default)",
     )
 
     batch_size: int = Field(

@@ -10,7 +10,7 @@ from redis.commands.core import AsyncScript
 
 
 def _source(name: str) -> str:
-    return files("bus").joinpath("lua", f"{name}.lua").read_text()
+    return files("agentmesh.bus").joinpath("lua", f"{name}.lua").read_text()
 
 
 class Scripts:

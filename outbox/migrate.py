@@ -25,7 +25,7 @@ class Migration:
 
 def available() -> list[Migration]:
     out = []
-    for item in files("outbox").joinpath("migrations").iterdir():
+    for item in files("agentmesh.outbox").joinpath("migrations").iterdir():
         m = _NAME.match(item.name)
         if m:
             out.append(Migration(int(m.group(1)), m.group(2), item.read_text()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ class Gateway:
                 *args,
             ],
             cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "examples")},
             stdout=gw.log.open("wb"),
             stderr=subprocess.STDOUT,
         )

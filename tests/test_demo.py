@@ -13,7 +13,6 @@ from pathlib import Path
 
 from agentmesh import devstack
 from refund_desk.gateway_standin import paid_twice, read_ledger
-from tests.conftest import ROOT
 
 
 def _our_processes(root: Path) -> list[str]:
@@ -37,14 +36,14 @@ def _our_processes(root: Path) -> list[str]:
 
 def _env(tmp_path: Path) -> dict[str, str]:
     ports = devstack.free_ports(4)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    # as from a fresh clone: no PYTHONPATH, the installed `mesh` finds the examples itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_") and k != "PYTHONPATH"}
     env.update(
         MESH_DEV_ROOT=str(tmp_path / ".mesh"),
         MESH_REDIS_URL=f"redis://127.0.0.1:{ports[0]}/0",
         MESH_POSTGRES_DSN=f"postgresql://mesh@127.0.0.1:{ports[1]}/mesh",
         MESH_KAFKA_BOOTSTRAP=f"127.0.0.1:{ports[2]}",
         MESH_DEV_S3_PORT=str(ports[3]),
-        PYTHONPATH=str(ROOT),
     )
     return env
 

@@ -254,6 +254,20 @@ def test_installed_package_imports(venv: Venv) -> None:
 
 
 @SLOW
+def test_installed_package_finds_its_data_files(venv: Venv) -> None:
+    """Lua scripts and migrations load from the installed package, by its own name (a lookup
+    of the bare folder name worked from a checkout and failed everywhere else)."""
+    proc = venv.python(
+        "from agentmesh.bus.scripts import _source; assert 'redis.call' in _source('publish')\n"
+        "from agentmesh.outbox.migrate import available; print(len(available()))\n"
+        "import sys; assert not {m.split('.')[0] for m in sys.modules} & "
+        "{'bus', 'outbox', 'schemas'}, 'a bare name was imported'"
+    )
+    assert proc.returncode == 0, _tail(proc)
+    assert int(proc.stdout.strip()) >= 2, proc.stdout
+
+
+@SLOW
 def test_mesh_version(venv: Venv) -> None:
     mesh = venv.bin / "mesh"
     assert mesh.exists(), "the wheel installs no `mesh` console script"

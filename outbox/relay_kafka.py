@@ -1,0 +1,161 @@
+"""The relay's Kafka link: producer and partition probe, and the in-order send per partition.
+
+The clients are connected lazily and rebuilt after an outage (the broker may come back as a new
+process, the topic may need setting up again). Each partition gets one record batch in flight
+at a time and stops at its first failure, so nothing overtakes a record Kafka did not ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from agentmesh.outbox import kafka
+from agentmesh.outbox.relay_slots import SlotConfigMismatch
+from agentmesh.outbox.relay_state import RelayState, Row
+
+log = structlog.get_logger("agentmesh.relay")
+
+
+class KafkaUnavailable(RuntimeError):
+    """Kafka did not answer. (Not an OSError, unlike TimeoutError: that would be taken for a
+    Postgres outage, and the Kafka clients would not be rebuilt.)"""
+
+
+class KafkaLink(RelayState):
+    """The producer, the probe consumer and the partitions they were set up for."""
+
+    async def _ensure_producer(self) -> AIOKafkaProducer:
+        try:
+            return await self._connect_kafka()
+        except OSError as exc:  # asyncio timeouts and socket errors from the Kafka clients
+            raise KafkaUnavailable(_describe(exc)) from exc
+
+    async def _connect_kafka(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            if self.s.kafka_create_topics:
+                await kafka.ensure_topic(self.s)
+            p = kafka.producer(self.s)
+            try:
+                await p.start()
+            except Exception:
+                await _stop_quietly(p)
+                raise
+            self._producer = p
+        if self.s.kafka_touch_partitions and self._probe is None:
+            probe = kafka.probe_consumer(self.s)
+            try:
+                await probe.start()
+            except Exception:
+                await _stop_quietly(probe)
+                raise
+            self._probe = probe
+        if not self._partitions:
+            parts = sorted(await self._producer.partitions_for(self.s.audit_topic))
+            if parts != list(range(len(parts))):
+                raise SlotConfigMismatch(f"{self.s.audit_topic} has partitions {parts}")
+            if self.slots != len(parts):
+                await self._check_slot_config(len(parts))
+                self.slots = len(parts)
+            self._partitions = parts
+        return self._producer
+
+    async def _reset_producer(self) -> None:
+        p, self._producer, self._partitions = self._producer, None, []
+        probe, self._probe = self._probe, None
+        for client in (p, probe):
+            if client is not None:
+                await _stop_quietly(client)
+
+    async def _touch(self, probe: AIOKafkaConsumer, partitions: list[int]) -> None:
+        """Fetch from each partition before producing to it (Settings.kafka_touch_partitions).
+
+        Tansu restarts a partition at offset 0, overwriting acked records, when it is produced
+        to before anything fetched from it since the broker started; a fetch makes it load its
+        high watermark. ListOffsets does not. On Apache Kafka this is one cheap fetch."""
+        try:
+            await self._fetch_once(probe, partitions)
+        except OSError as exc:
+            raise KafkaUnavailable(_describe(exc)) from exc
+
+    async def _fetch_once(self, probe: AIOKafkaConsumer, partitions: list[int]) -> None:
+        tps = [TopicPartition(self.s.audit_topic, p) for p in partitions]
+        probe.assign(tps)
+        for tp in tps:
+            probe.seek(tp, max(0, self._high.get(tp.partition, 0)))
+        deadline = time.monotonic() + self.s.kafka_request_timeout_ms / 1000
+        try:
+            while any(probe.highwater(tp) is None for tp in tps):
+                if time.monotonic() > deadline:
+                    raise KafkaUnavailable("no fetch answer from Kafka for the partition probe")
+                await probe.getmany(*tps, timeout_ms=5, max_records=1)
+        finally:
+            probe.unsubscribe()  # no background fetching between rounds
+
+    async def _send_partition(
+        self, producer: AIOKafkaProducer, partition: int, rows: Sequence[Row]
+    ) -> tuple[int, list[tuple[Row, int]], str | None]:
+        """Send rows as consecutive record batches, each after the previous one's ack; stop at
+        the first failure. Returns the acked prefix with offsets, and the error if any."""
+        acked: list[tuple[Row, int]] = []
+        last = self._high.get(partition, -1)
+        i = 0
+        while i < len(rows):
+            batch = producer.create_batch()
+            chunk: list[Row] = []
+            while i < len(rows):
+                row = rows[i]
+                meta = batch.append(
+                    key=row.session_id.encode(),
+                    value=row.envelope.encode(),
+                    timestamp=None,
+                    headers=row.headers(),
+                )
+                if meta is None:
+                    if not chunk:
+                        raise ValueError(f"outbox row {row.id} does not fit in one record batch")
+                    break
+                chunk.append(row)
+                i += 1
+            batch.close()
+            try:
+                fut = await producer.send_batch(batch, self.s.audit_topic, partition=partition)
+                meta = await fut
+            except Exception as exc:
+                self.metrics.send_failures.inc()
+                return partition, acked, f"{type(exc).__name__}: {exc}"
+            if meta.offset <= last:
+                self.metrics.offset_regressions.inc()
+                log.error(
+                    "relay: the broker handed out an offset it had already acked; records at "
+                    "and after it may have been overwritten (`mesh outbox republish --since`)",
+                    partition=partition,
+                    offset=meta.offset,
+                    previous=last,
+                )
+            last = meta.offset + len(chunk) - 1
+            self._high[partition] = last
+            acked.extend((row, meta.offset + k) for k, row in enumerate(chunk))
+        return partition, acked, None
+
+
+async def _stop_quietly(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:
+    """Stop a client whose broker may be gone. aiokafka can raise the broker error, or the
+    CancelledError of its own internal tasks, from stop(); neither may end the relay. A
+    cancellation of the relay itself still propagates."""
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception:
+        pass
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

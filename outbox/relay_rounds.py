@@ -1,0 +1,155 @@
+"""One relay round: read the owned partitions' oldest unpublished rows, send, mark the acked.
+
+Rows are selected by "still unpublished" in id order, never "id > last id", so a transaction
+that commits late is found by the next round. Only the acked prefix of each partition is
+marked, together with the replay index (mesh_audit_index). The mark may run on while the next
+round reads and sends, which skips those rows and waits for the mark before its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from agentmesh.outbox.relay_state import RelayState, Row
+from agentmesh.process import faults
+
+_FETCH_SQL = """
+SELECT id, event_id::text AS event_id, session_id, type, envelope, agent, causation_id,
+       schema_version, session_hash
+FROM mesh_outbox
+WHERE published_at IS NULL AND session_hash % $1 = ANY($2::int[])
+  AND NOT (id = ANY($4::bigint[]))  -- acked rows whose mark is still being written
+ORDER BY id
+LIMIT $3
+"""
+
+#: A session's next records extend its last index range when they start at most this many
+#: records after its end; otherwise they open a new range (replay seeks to each range).
+INDEX_GAP = 500
+
+_MARK_SQL = """
+WITH marked AS (
+    UPDATE mesh_outbox o
+    SET published_at = now(), kafka_topic = $1, kafka_partition = u.p, kafka_offset = u.off
+    FROM unnest($2::bigint[], $3::int[], $4::bigint[]) AS u(id, p, off)
+    WHERE o.id = u.id
+    RETURNING o.session_id, u.p, u.off
+),
+runs AS (  -- split a session's offsets into runs wherever a gap is wider than $5
+    SELECT session_id, p, off,
+           count(*) FILTER (WHERE gap > $5) OVER (PARTITION BY session_id, p ORDER BY off)
+               AS run
+    FROM (SELECT session_id, p, off,
+                 off - lag(off) OVER (PARTITION BY session_id, p ORDER BY off) AS gap
+          FROM marked) g
+),
+agg AS (
+    SELECT session_id, p, run, min(off) AS lo, max(off) AS hi, count(*) AS n
+    FROM runs GROUP BY session_id, p, run
+),
+latest AS (
+    SELECT DISTINCT ON (ix.session_id, ix.kafka_partition)
+           ix.session_id, ix.kafka_partition, ix.first_offset, ix.last_offset
+    FROM mesh_audit_index ix
+    JOIN agg a ON ix.topic = $1 AND ix.session_id = a.session_id AND ix.kafka_partition = a.p
+                AND a.run = 0
+    ORDER BY ix.session_id, ix.kafka_partition, ix.first_offset DESC
+),
+extended AS (
+    UPDATE mesh_audit_index ix
+    SET last_offset = GREATEST(ix.last_offset, a.hi), records = ix.records + a.n,
+        updated_at = now()
+    FROM agg a JOIN latest l ON l.session_id = a.session_id AND l.kafka_partition = a.p
+    WHERE a.run = 0 AND ix.topic = $1 AND ix.session_id = a.session_id
+      AND ix.kafka_partition = a.p AND ix.first_offset = l.first_offset AND a.lo >= l.first_offset
+      AND a.lo - l.last_offset <= $5
+    RETURNING ix.session_id, ix.kafka_partition
+)
+INSERT INTO mesh_audit_index AS ix (topic, session_id, kafka_partition, first_offset,
+                                    last_offset, records)
+SELECT $1, a.session_id, a.p, a.lo, a.hi, a.n FROM agg a
+WHERE a.run > 0 OR NOT EXISTS (
+    SELECT 1 FROM extended e WHERE e.session_id = a.session_id AND e.kafka_partition = a.p)
+ON CONFLICT (topic, session_id, kafka_partition, first_offset) DO UPDATE
+SET last_offset = GREATEST(ix.last_offset, EXCLUDED.last_offset),
+    records = ix.records + EXCLUDED.records,
+    updated_at = now()
+"""
+
+
+@dataclass
+class RoundResult:
+    published: int = 0
+    failed_partitions: dict[int, str] = field(default_factory=dict)
+
+
+class RoundPublisher(RelayState):
+    """fetch -> send (relay_kafka) -> mark, and `settle` for a mark still running."""
+
+    async def fetch(self) -> list[Row]:
+        assert self.pool is not None
+        if not self.owned:
+            return []
+        recs = await self.pool.fetch(
+            _FETCH_SQL, self.slots, sorted(self.owned), self.s.relay_batch_size, self._marking_ids
+        )
+        return [Row(**dict(r)) for r in recs]
+
+    async def round(self, *, pipelined: bool = False) -> RoundResult:
+        """Read the owned slots' oldest unpublished rows, send them, mark the acked ones.
+
+        `pipelined`: leave the mark running while the next round reads and sends (the next
+        round skips these rows, and waits for this mark before it starts its own). Only after
+        a round in which every batch was acked: after a failure nothing may overtake."""
+        rows = await self.fetch()
+        res = RoundResult()
+        if not rows:
+            await self.settle()
+            return res
+        started = time.perf_counter()
+        producer = await self._ensure_producer()
+        by_partition: dict[int, list[Row]] = {}
+        for row in rows:  # the slot is the partition: Kafka's own key partitioning
+            by_partition.setdefault(row.session_hash % self.slots, []).append(row)
+        if self._probe is not None:
+            await self._touch(self._probe, list(by_partition))
+        sent = await asyncio.gather(
+            *(self._send_partition(producer, p, rs) for p, rs in by_partition.items())
+        )
+        ids: list[int] = []
+        parts: list[int] = []
+        offsets: list[int] = []
+        for p, acked, error in sent:
+            for row, off in acked:
+                ids.append(row.id)
+                parts.append(p)
+                offsets.append(off)
+            if error is not None:
+                res.failed_partitions[p] = error
+        await self.settle()  # marks stay in order: the previous round's first
+        if ids:
+            faults.point("relay_after_ack")
+            if pipelined and not res.failed_partitions:
+                self._marking = asyncio.create_task(self._mark(ids, parts, offsets))
+                self._marking_ids = ids
+            else:
+                await self._mark(ids, parts, offsets)
+        res.published = len(ids)
+        self.metrics.round_seconds.observe(time.perf_counter() - started)
+        return res
+
+    async def _mark(self, ids: list[int], parts: list[int], offsets: list[int]) -> None:
+        assert self.pool is not None
+        await self.pool.execute(_MARK_SQL, self.s.audit_topic, ids, parts, offsets, INDEX_GAP)
+        self.metrics.published.inc(len(ids))
+
+    async def settle(self) -> None:
+        """Wait for the pipelined mark, if one is running (raises what it raised)."""
+        task, self._marking = self._marking, None
+        if task is not None:
+            try:
+                await task
+            finally:
+                self._marking_ids = []
