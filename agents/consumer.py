@@ -4,7 +4,8 @@ The stages overlap instead of running batch by batch, so one slow handler (an LL
 minute) never holds back the commit of the others, and reading goes on while Postgres commits:
 
 - the reader keeps up to `concurrency` entries in flight: it reads new entries (XREADGROUP),
-  takes over entries of dead consumers (XAUTOCLAIM) and re-runs due retries;
+  takes over entries of dead consumers (XPENDING IDLE + XCLAIM) and re-runs due retries; a
+  reclaimed entry that already failed to complete twice runs alone (agents/isolation.py);
 - admission sorts out poison (copied to the DLQ, then acked, in one MULTI), drops entries
   whose idempotency key is already in flight, and looks up keys already committed (a
   redelivery): those re-publish their stored handoffs and are acked; the handler does not
@@ -41,6 +42,7 @@ from agentmesh.agents.agent import HandlerSpec
 from agentmesh.agents.consumer_deps import ConsumerDeps
 from agentmesh.agents.context import Context
 from agentmesh.agents.failures import Failures, HandlerTimeout, NoHandler, TooManyDeliveries
+from agentmesh.agents.isolation import process_gate, reclaim, run_alone
 from agentmesh.bus.deadletter import DeadLetter
 from agentmesh.bus.entry import Outgoing, StreamEntry
 from agentmesh.bus.streams import Streams
@@ -93,6 +95,8 @@ class ConsumerLoop:
         self.retries: list[_Retry] = []
         self._seq = itertools.count()
         self._latency_children: dict[str, Any] = {}
+        self.gate = process_gate()  # shared by the process's loops: a suspect runs alone
+        self.gate.join(self)
         self._reset()
 
     def _reset(self) -> None:
@@ -127,25 +131,38 @@ class ConsumerLoop:
         claim_every = max(s.claim_idle_ms / 2000, 0.2)
         next_claim = 0.0
         while not stop.is_set() and not commit.done():
+            if self.gate.closed_to(self):  # another loop of this process runs a suspect alone
+                await asyncio.sleep(0.05)
+                continue
             free = s.concurrency - len(self.inflight)
             if free <= 0:
-                self.slot_freed.clear()
-                try:
-                    async with asyncio.timeout(0.5):
-                        await self.slot_freed.wait()
-                except TimeoutError:
-                    pass
+                await self._slot_freed(0.5)
                 continue
             limit = min(free, s.batch_size)
             batch = await self._due_retries(limit)
+            suspects: list[tuple[str, str]] = []
             if not batch and time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + claim_every
-                batch = await self._reclaim(limit)
-            if not batch:
+                batch, suspects = await self._reclaim(limit)
+            if not batch and not suspects:
                 wait = min(claim_every, self._time_to_next_retry())
                 batch = await self._read_new(wait, limit)
             if batch:
-                await self._admit(batch)
+                await self.admit(batch)
+            if suspects:
+                give_up = lambda: stop.is_set() or commit.done()  # noqa: E731
+                await run_alone(suspects, self, claim_idle_ms=s.claim_idle_ms, give_up=give_up)
+
+    async def _slot_freed(self, wait_s: float) -> None:
+        self.slot_freed.clear()
+        try:
+            async with asyncio.timeout(wait_s):
+                await self.slot_freed.wait()
+        except TimeoutError:
+            pass
+
+    def in_flight(self) -> int:
+        return len(self.inflight)
 
     async def _commit_loop(self, stop: asyncio.Event) -> None:
         batch_size = self.deps.settings.batch_size
@@ -207,20 +224,18 @@ class ConsumerLoop:
                     out.append(r.entry)
         return out
 
-    async def _reclaim(self, limit: int) -> list[StreamEntry]:
+    async def _reclaim(self, limit: int) -> tuple[list[StreamEntry], list[tuple[str, str]]]:
+        """Entries of dead or stalled consumers: (claimed, to run as a batch; suspects, to
+        run alone, not claimed yet). The rule is in agents/isolation.py."""
         mine = set(self.inflight) | {(r.entry.stream, r.entry.id) for r in self.retries}
-        out: list[StreamEntry] = []
         paused, _ = self.deps.paused_streams()
-        for stream in self.deps.agent.streams:
-            if stream in paused:
-                continue
-            claimed = await self.streams.autoclaim(
-                stream, min_idle_ms=self.deps.settings.claim_idle_ms, count=limit
-            )
-            out += [e for e in claimed if (e.stream, e.id) not in mine]
-        if out:
-            log.info("reclaimed", consumer=self.name, entries=len(out))
-        return out
+        streams = [x for x in self.deps.agent.streams if x not in paused]
+        out, suspects = await reclaim(
+            self.streams, streams, mine=mine, settings=self.deps.settings, limit=limit
+        )
+        if out or suspects:
+            log.info("reclaimed", consumer=self.name, entries=len(out), suspects=len(suspects))
+        return out, suspects
 
     def _schedule(self, entry: StreamEntry, *, delay: float, count: bool) -> None:
         heapq.heappush(
@@ -228,12 +243,12 @@ class ConsumerLoop:
         )
 
     # -- admission ----------------------------------------------------------------------------
-    async def _admit(self, batch: Sequence[StreamEntry]) -> None:
+    async def admit(self, batch: Sequence[StreamEntry]) -> None:
         agent, s = self.deps.agent, self.deps.settings
         dead: list[DeadLetter] = []
         ready: list[tuple[StreamEntry, Decoded, HandlerSpec]] = []
         keys: set[str] = set()
-        for e in batch:
+        for e in batch:  # whatever goes wrong with one entry is that entry's, not the batch's
             try:
                 if e.deliveries > s.max_deliveries:
                     raise TooManyDeliveries(
@@ -246,19 +261,19 @@ class ConsumerLoop:
                     raise NoHandler(
                         f"agent {agent.name!r} has no handler for {decoded.envelope.type!r}"
                     )
+                key = decoded.envelope.idempotency_key
+                if key in keys or key in self.inflight_keys:
+                    # the same work is already running here: look again once it has settled
+                    self._schedule(e, delay=s.retry_initial_s, count=False)
+                    continue
+                keys.add(key)
+                ready.append((e, decoded, spec))
             except PoisonMessage as exc:
                 dead.append(self.failures.letter(e, exc, exc.reason, with_tb=False))
-                continue
             except TooManyDeliveries as exc:
                 dead.append(self.failures.letter(e, exc, "max_deliveries", with_tb=False))
-                continue
-            key = decoded.envelope.idempotency_key
-            if key in keys or key in self.inflight_keys:
-                # the same work is already running here: look again once it has settled
-                self._schedule(e, delay=s.retry_initial_s, count=False)
-                continue
-            keys.add(key)
-            ready.append((e, decoded, spec))
+            except Exception as exc:  # a bug, or input nobody foresaw: dead-letter, go on
+                dead.append(self.failures.letter(e, exc, "decode_error"))
         await self.failures.dead_letter(dead)
 
         # redeliveries of work already committed: re-send what is stored, do not run again
@@ -276,9 +291,13 @@ class ConsumerLoop:
             await self.streams.publish([o for handoffs in stored.values() for o in handoffs])
             await self.streams.ack([e for e, d, _ in ready if d.envelope.idempotency_key in stored])
             self.deps.metrics.duplicates.labels(agent.name).inc(len(stored))
+        closed = self.gate.closed_to(self)  # no await from here on: the gate cannot change
         for e, d, spec in ready:
             key = d.envelope.idempotency_key
             if key in stored:
+                continue
+            if closed:  # read just as another loop began to run a suspect alone: wait
+                self._schedule(e, delay=0.2, count=False)
                 continue
             self.inflight[(e.stream, e.id)] = e
             self.inflight_keys.add(key)
@@ -288,7 +307,10 @@ class ConsumerLoop:
 
     # -- handling -----------------------------------------------------------------------------
     async def _handle(self, entry: StreamEntry, decoded: Decoded, spec: HandlerSpec) -> None:
-        outcome = await self._run_handler(entry, decoded, spec)
+        try:
+            outcome = await self._run_handler(entry, decoded, spec)
+        except Exception as exc:  # e.g. a result that cannot be recorded: a failed run, not
+            outcome = exc  # a task that dies and leaves its entry in flight, claimed forever
         await self.done.put(_Done(entry, decoded.envelope.idempotency_key, outcome))
 
     async def _run_handler(
@@ -374,6 +396,7 @@ class ConsumerLoop:
                 self.inflight.pop((d.entry.stream, d.entry.id), None)
                 self.inflight_keys.discard(d.key)
             self.slot_freed.set()
+            self.gate.settled()
 
     async def _commit(self, works: Sequence[Work]) -> CommitResult:
         """Commit, waiting out a Postgres outage: the handlers' results are kept and their

@@ -3,6 +3,10 @@
 The work itself (read -> handle -> commit -> publish -> ack) lives in agents/consumer.py;
 this module starts it, decides from the breakers which streams may be read, and stops it
 gracefully on SIGTERM.
+
+Starting does not need the servers up: /healthz and /readyz answer first, then the runner
+waits for PostgreSQL and Redis (agentmesh.process.waiting: what counts as down, what as a
+misconfiguration that fails at once), and starts its loops when both answer.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -29,6 +34,7 @@ from agentmesh.agents.metrics import Metrics
 from agentmesh.agents.periodic import Tick, run_periodic
 from agentmesh.agents.resilience import STATE_VALUE, Dependency
 from agentmesh.process.health import HealthServer
+from agentmesh.process.waiting import Misconfigured, Outages, Server, Waiter, outage_reason
 from agentmesh.settings import Settings
 
 BREAKER_REPORT_PREFIX = "mesh:breakers:"  # + replica name: {agent, replica, states}
@@ -54,6 +60,10 @@ class Runner:
         self.pool: asyncpg.Pool
         self.loops: list[ConsumerLoop] = []
         self.http: HealthServer | None = None
+        self.started = False  # True once both servers answered and the loops run
+        self.outages = Outages()  # the servers start-up is waiting for (/readyz says which)
+        self.servers = (Server.postgres(settings.postgres_dsn), Server.redis(settings.redis_url))
+        self._closing: list[Callable[[], Awaitable[None]]] = []  # what stop() closes, in order
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = False
         base = f"{agent.name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -80,22 +90,28 @@ class Runner:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        """Serve /healthz first, wait until PostgreSQL and Redis answer, then start the loops.
+
+        While a server is down, /readyz says which and why, and the log says so once (then
+        at most every 10 s). Returns early, not started, when `stop_event` is set meanwhile
+        (SIGTERM). Raises `Misconfigured` (a pydantic ValidationError naming the setting)
+        when waiting cannot help: a malformed URL, bad credentials, a missing database."""
+        pg_server, redis_server = self.servers
         s = self.settings
         if not self.agent.handlers:
             raise ValueError(f"agent {self.agent.name!r} has no handlers")
         # A socket timeout above the XREADGROUP block time: a command sent on a connection that
         # died with its server (kill -9, a network cut) fails instead of waiting forever.
-        self.redis = Redis.from_url(
-            s.redis_url,
-            decode_responses=False,
-            socket_timeout=s.block_ms / 1000 + 10,
-            socket_connect_timeout=5,
-        )
-        self.pool = await asyncpg.create_pool(s.postgres_dsn, min_size=1, max_size=s.pg_pool_size)
-        deps = self._consumer_deps()
-        self.loops = [ConsumerLoop(deps, n) for n in self.consumer_names]
-        for stream in self.agent.streams:
-            await self.loops[0].streams.ensure_group(stream)
+        try:
+            self.redis = Redis.from_url(
+                s.redis_url,
+                decode_responses=False,
+                socket_timeout=s.block_ms / 1000 + 10,
+                socket_connect_timeout=5,
+            )
+        except ValueError as exc:
+            raise Misconfigured.of(redis_server, str(exc)) from exc
+        self._closing.append(self.redis.aclose)
         self.http = HealthServer(
             host=s.http_host,
             port=s.http_port,
@@ -104,6 +120,18 @@ class Runner:
             ready=self._readyz,
         )
         port = await self.http.start()
+        self._closing.insert(0, self.http.stop)
+        log.info("agent starting", agent=self.agent.name, http_port=port)
+        wait = Waiter(self.stop_event, log, self.outages, servers=self.servers)
+        pool = await wait.until_up(pg_server, self._create_pool)
+        if pool is None:
+            return  # stopped while waiting
+        self.pool = pool
+        self._closing.append(pool.close)
+        deps = self._consumer_deps()
+        self.loops = [ConsumerLoop(deps, n) for n in self.consumer_names]
+        if not await wait.until_up(redis_server, self._prepare_streams):
+            return
         for lp in self.loops:
             self._tasks.append(asyncio.create_task(self._guard(lp.run, lp.name)))
             self._tasks.append(asyncio.create_task(self._guard(lp.heartbeat, lp.name + "/hb")))
@@ -114,7 +142,7 @@ class Runner:
         for spec in self.agent.periodic:
             job = functools.partial(run_periodic, spec, tick)
             self._tasks.append(asyncio.create_task(self._guard(job, f"every/{spec.name}")))
-        self._ready = True
+        self._ready = self.started = True
         log.info(
             "agent started",
             agent=self.agent.name,
@@ -122,6 +150,20 @@ class Runner:
             consumers=len(self.loops),
             http_port=port,
         )
+
+    async def _create_pool(self) -> asyncpg.Pool:
+        s = self.settings
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            s.postgres_dsn, min_size=1, max_size=s.pg_pool_size
+        )
+        return pool
+
+    async def _prepare_streams(self) -> bool:
+        """Redis answers, and every stream this agent reads has its consumer group."""
+        await self.redis.ping()
+        for stream in self.agent.streams:
+            await self.loops[0].streams.ensure_group(stream)
+        return True
 
     def _consumer_deps(self) -> ConsumerDeps:
         """What the consumer loops use of this process (once Redis and Postgres are up)."""
@@ -164,20 +206,31 @@ class Runner:
         for t in not_done:
             t.cancel()
         await asyncio.gather(*not_done, return_exceptions=True)
-        if self.http:
-            await self.http.stop()
-        await self.pool.close()
-        await self.redis.aclose()
+        await self._close()
         log.info("agent stopped", agent=self.agent.name, cancelled=len(not_done))
 
+    async def _close(self) -> None:
+        """Close what start() opened (the health server first), however far it got."""
+        closing, self._closing = self._closing, []
+        for close in closing:
+            await close()
+
     async def run_forever(self) -> None:
-        await self.start()
+        """`mesh agent run`: start (waiting for the servers if need be) and run until SIGTERM
+        or SIGINT; a signal during the wait ends it at once, cleanly."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
+        try:
+            await self.start()
+        except BaseException:  # a misconfiguration (one line from the CLI), or a bug
+            self.stop_event.set()
+            await self._close()
+            raise
         await self.stop_event.wait()
-        log.info("stopping: finishing in-flight work", grace_s=self.settings.grace_s)
+        if self.started:
+            log.info("stopping: finishing in-flight work", grace_s=self.settings.grace_s)
         await self.stop()
 
     async def _housekeeping(self, stop: asyncio.Event) -> None:
@@ -238,13 +291,25 @@ class Runner:
         return True, "ok"
 
     async def _readyz(self) -> tuple[bool, str]:
-        if not self._ready or self.stop_event.is_set():
+        if self.stop_event.is_set():
+            return False, "stopping"
+        if not self.started:
+            return False, self.outages.describe() or "starting"
+        if not self._ready:
             return False, "not ready"
-        try:
-            await asyncio.wait_for(self.redis.ping(), 2)
-            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), 2)
-        except Exception as exc:
-            return False, f"dependency unreachable: {type(exc).__name__}"
+        pg_server, redis_server = self.servers
+        for server, check in (
+            (redis_server, self.redis.ping),
+            (pg_server, functools.partial(self.pool.fetchval, "SELECT 1")),
+        ):
+            try:
+                await asyncio.wait_for(check(), 2)
+            except Exception as exc:
+                try:
+                    reason = outage_reason(server, exc) or f"{type(exc).__name__}: {exc}"
+                except Misconfigured as bad:
+                    reason = str(bad.errors()[0]["msg"])
+                return False, f"{server.name} at {server.address} unreachable: {reason}"
         paused, _ = self.paused_streams()
         return True, "ready" + (f" (paused: {', '.join(sorted(paused))})" if paused else "")
 

@@ -108,6 +108,48 @@ class Streams:
             for i, f in claimed
         ]
 
+    async def idle_pending(
+        self, stream: str, *, min_idle_ms: int, count: int
+    ) -> list[tuple[str, int]]:
+        """(id, deliveries so far) of this group's entries idle longer than `min_idle_ms`
+        (their consumer died or hung), oldest first. Nothing is claimed or counted: the
+        consumer decides first which to claim as a batch and which to run alone."""
+        try:
+            rows: Any = await self.redis.xpending_range(
+                stream, self.group, min="-", max="+", count=count, idle=min_idle_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group(stream)
+            return []
+        return [(_s(r["message_id"]), int(r["times_delivered"])) for r in rows]
+
+    async def claim(
+        self, stream: str, ids: Sequence[str], *, min_idle_ms: int
+    ) -> list[StreamEntry]:
+        """XCLAIM entries still idle longer than `min_idle_ms`, one more delivery each; an
+        entry another consumer took meanwhile (or deleted from the stream) is left out."""
+        if not ids:
+            return []
+        try:
+            reply: Any = await self.redis.xclaim(
+                stream, self.group, self.consumer, min_idle_ms, list(ids)
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group(stream)
+            return []
+        claimed = [(_s(i), f) for i, f in reply if f is not None]
+        if not claimed:
+            return []
+        counts = await self.delivery_counts(stream, [i for i, _ in claimed])
+        return [
+            StreamEntry(stream=stream, id=i, fields=f, deliveries=counts.get(i, 1))
+            for i, f in claimed
+        ]
+
     async def delivery_counts(self, stream: str, ids: Sequence[str]) -> dict[str, int]:
         pipe = self.redis.pipeline(transaction=False)
         for i in ids:

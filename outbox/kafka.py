@@ -22,6 +22,11 @@ _TOPIC_ALREADY_EXISTS = 36
 
 #: Header names on every audit record, so consumers can route without parsing the value.
 HEADERS = ("event_id", "type", "schema_version", "session_id", "agent", "causation_id")
+#: One more header, after those: the outbox row's id (decimal), the record's place in its
+#: session's commit order. Replay sorts a session by it, since after a broker lost records
+#: (or a republish) Kafka offsets no longer follow that order. Records older relays wrote
+#: lack it.
+SEQ_HEADER = "mesh-seq"
 
 
 class TopicSetupError(RuntimeError):

@@ -40,7 +40,10 @@ Who reads and marks rows:
 - the relay (outbox/relay.py) selects unpublished rows of the partitions it owns in id order,
   sends them to Kafka and marks the acked ones published (published_at and the kafka_*
   columns). A statement-level trigger NOTIFYs `mesh_outbox` once per INSERT statement, which
-  wakes it.
+  wakes it. Each record carries the row's `id` as the header `mesh-seq`: replay orders a
+  session by it. When the broker hands out an offset it had already acked, the relay marks
+  the rows published at or after it in that partition unpublished again (outbox/relay_heal.py),
+  so they are sent again; their kafka_* columns keep the lost place until then.
 - `UnitOfWork.stored_handoffs` reads a committed input's handoff rows (stream NOT NULL) to
   re-send them on a redelivery instead of running the handler again.
 - outbox/resend.py: `republish` marks published rows unpublished again (the relay sends them

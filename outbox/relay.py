@@ -18,12 +18,18 @@ batch stops that partition for the round, and only the acked prefix is marked. S
 after a failure reaches Kafka before it, and a re-send repeats rows in their original order.
 
 At-least-once. A crash after the ack and before the mark re-sends those rows: duplicates carry
-the same event id, and readers (replay) keep the first copy.
+the same event id, and readers (replay) keep each event once. Every record also carries its
+row's id (header `mesh-seq`), the session's commit order, which replay sorts by.
+
+Lost records heal by themselves. A broker that hands out an offset it had already acked has
+lost the records from there on; the relay then marks the rows it had acked there unpublished
+again, in the transaction of its next mark, so they are sent again (relay_heal).
 
 Where it lives. This module is the relay's entry point and re-exports its public names; the
 code is split by idea: relay_state (shared state, Row), relay_slots (partition ownership),
 relay_kafka (producer, probe, in-order send), relay_rounds (one round: fetch, send, mark),
-relay_housekeeping (backlog, pruning), relay_loop (`Relay`: lifecycle and the round loop),
+relay_heal (re-sending what the broker lost after acking it), relay_housekeeping (backlog,
+pruning), relay_loop (`Relay`: lifecycle and the round loop),
 relay_serve (`serve`, the `mesh relay run` process), relay_metrics.
 """
 

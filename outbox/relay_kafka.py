@@ -11,14 +11,11 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from agentmesh.outbox import kafka
 from agentmesh.outbox.relay_slots import SlotConfigMismatch
 from agentmesh.outbox.relay_state import RelayState, Row
-
-log = structlog.get_logger("agentmesh.relay")
 
 
 class KafkaUnavailable(RuntimeError):
@@ -82,7 +79,25 @@ class KafkaLink(RelayState):
         except OSError as exc:
             raise KafkaUnavailable(_describe(exc)) from exc
 
-    async def _fetch_once(self, probe: AIOKafkaConsumer, partitions: list[int]) -> None:
+    async def _ends(self, partitions: list[int]) -> dict[int, int]:
+        """Each partition's end offset, from a fetch (on Tansu, ListOffsets may answer before
+        the partition is loaded; a fetch is what loads it). The probe is started if needed."""
+        await self._ensure_producer()
+        if self._probe is None:
+            probe = kafka.probe_consumer(self.s)
+            try:
+                await probe.start()
+            except Exception:
+                await _stop_quietly(probe)
+                raise
+            self._probe = probe
+        try:
+            return await self._fetch_once(self._probe, partitions)
+        except OSError as exc:
+            raise KafkaUnavailable(_describe(exc)) from exc
+
+    async def _fetch_once(self, probe: AIOKafkaConsumer, partitions: list[int]) -> dict[int, int]:
+        """Fetch once from each partition; their high watermarks."""
         tps = [TopicPartition(self.s.audit_topic, p) for p in partitions]
         probe.assign(tps)
         for tp in tps:
@@ -93,6 +108,7 @@ class KafkaLink(RelayState):
                 if time.monotonic() > deadline:
                     raise KafkaUnavailable("no fetch answer from Kafka for the partition probe")
                 await probe.getmany(*tps, timeout_ms=5, max_records=1)
+            return {tp.partition: int(probe.highwater(tp) or 0) for tp in tps}
         finally:
             probe.unsubscribe()  # no background fetching between rounds
 
@@ -100,11 +116,18 @@ class KafkaLink(RelayState):
         self, producer: AIOKafkaProducer, partition: int, rows: Sequence[Row]
     ) -> tuple[int, list[tuple[Row, int]], str | None]:
         """Send rows as consecutive record batches, each after the previous one's ack; stop at
-        the first failure. Returns the acked prefix with offsets, and the error if any."""
+        the first failure. Returns the acked prefix with offsets, and the error if any.
+
+        An ack at an offset not above one acked before means the broker lost the records from
+        that offset on. The rows this send had acked there are dropped from the result (they
+        stay unpublished, so they go again), the loss is noted in `_lost` for the heal that
+        runs before the round's mark (relay_heal), and the partition stops for this round:
+        what follows goes next round, in id order with the rows the heal re-sends."""
         acked: list[tuple[Row, int]] = []
         last = self._high.get(partition, -1)
         i = 0
-        while i < len(rows):
+        regressed = False
+        while i < len(rows) and not regressed:
             batch = producer.create_batch()
             chunk: list[Row] = []
             while i < len(rows):
@@ -129,14 +152,11 @@ class KafkaLink(RelayState):
                 self.metrics.send_failures.inc()
                 return partition, acked, f"{type(exc).__name__}: {exc}"
             if meta.offset <= last:
+                regressed = True
                 self.metrics.offset_regressions.inc()
-                log.error(
-                    "relay: the broker handed out an offset it had already acked; records at "
-                    "and after it may have been overwritten (`mesh outbox republish --since`)",
-                    partition=partition,
-                    offset=meta.offset,
-                    previous=last,
-                )
+                kept = [(row, off) for row, off in acked if off < meta.offset]
+                self._note_lost(partition, meta.offset, last, dropped=len(acked) - len(kept))
+                acked = kept
             last = meta.offset + len(chunk) - 1
             self._high[partition] = last
             acked.extend((row, meta.offset + k) for k, row in enumerate(chunk))

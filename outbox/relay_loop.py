@@ -8,6 +8,7 @@ together: the loop that re-shares partitions, backs off through Postgres and Kaf
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from agentmesh.outbox.relay_housekeeping import Housekeeping
 from agentmesh.outbox.relay_kafka import KafkaLink, _describe
 from agentmesh.outbox.relay_rounds import RoundPublisher
 from agentmesh.outbox.relay_slots import SlotConfigMismatch, SlotOwnership
+from agentmesh.process.waiting import Outages, Server, describe, outage_reason
 
 log = structlog.get_logger("agentmesh.relay")
 
@@ -26,6 +28,17 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
     """One relay process's worth of work. `run(stop)` until `stop` is set; several relays may
     run at once. `drain=True` takes every free slot, and `member=False` keeps the relay out
     of the head count that sets each relay's share (both for one-shot commands)."""
+
+    @functools.cached_property
+    def servers(self) -> tuple[Server, Server]:
+        """(PostgreSQL, Kafka), as /readyz and the log name them."""
+        return Server.postgres(self.s.postgres_dsn), Server.kafka(self.s.kafka_bootstrap)
+
+    @functools.cached_property
+    def outages(self) -> Outages:
+        """The servers the relay is waiting for now (/readyz says which); their log lines
+        come once, then at most every 10 s, however often the rounds retry."""
+        return Outages()
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -68,14 +81,19 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
 
     async def _housekeeping(self, stop: asyncio.Event) -> None:
         next_prune = 0.0
+        failures = Outages()  # its own: the rounds report the outage itself
         while not stop.is_set():
             try:
                 await self.backlog()
                 if time.monotonic() >= next_prune and self.s.outbox_retention_s > 0:
                     await self.prune()
                     next_prune = time.monotonic() + self.s.outbox_prune_interval_s
+                failures.up(self.servers[0])
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("relay: housekeeping failed", error=str(exc))
+                if (o := failures.down(self.servers[0], describe(exc))) is not None:
+                    log.warning(
+                        "relay: housekeeping failed", error=str(exc), **o.fields(time.monotonic())
+                    )
             await _sleep_or_stop(stop, 2.0)
 
     async def _rounds(self, stop: asyncio.Event) -> None:
@@ -83,6 +101,7 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
         next_rebalance = 0.0
         while not stop.is_set():
             now = time.monotonic()
+            reached = now >= next_rebalance or bool(self.owned)  # the round asks both servers
             try:
                 if now >= next_rebalance:
                     await self.settle()  # partitions are given back only fully marked
@@ -96,8 +115,11 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
             except SlotConfigMismatch:
                 raise
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # Every Postgres error of a round counts as an outage (a deadlock between
+                # relays, a server restarting): the relay retries rather than exits.
                 backoff = self._next_backoff(backoff)
-                log.warning("relay: postgres unavailable", error=str(exc), retry_in=backoff)
+                self._down(0, describe(exc), "relay: postgres unavailable",
+                           error=str(exc), retry_in=backoff)  # fmt: skip
                 if self._lock_conn is not None and self._lock_conn.is_closed():
                     self.owned.clear()
                     self._lock_conn = None
@@ -106,33 +128,34 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
             except Exception as exc:  # Kafka: start, metadata or topic set-up failed
                 self.kafka_ok = False
                 backoff = self._next_backoff(backoff)
-                log.warning("relay: kafka unavailable", error=_describe(exc), retry_in=backoff)
                 await self._reset_producer()
+                reason = self._kafka_reason(exc)
+                self._down(1, reason, "relay: kafka unavailable",
+                           error=_describe(exc), retry_in=backoff)  # fmt: skip
                 await _sleep_or_stop(stop, backoff)
                 continue
             if res.failed_partitions:
                 self.kafka_ok = False
                 backoff = self._next_backoff(backoff)
-                log.warning(
-                    "relay: kafka did not ack",
-                    published=res.published,
-                    partitions=sorted(res.failed_partitions),
-                    error=next(iter(res.failed_partitions.values())),
-                    retry_in=backoff,
-                )
+                error = next(iter(res.failed_partitions.values()))
+                self._down(1, f"no ack: {error}", "relay: kafka did not ack",
+                           published=res.published, partitions=sorted(res.failed_partitions),
+                           error=error, retry_in=backoff)  # fmt: skip
                 # A new producer (and partition probe) for the next round: the broker may come
                 # back as a new process, and the topic may have to be set up again.
                 await self._reset_producer()
                 await _sleep_or_stop(stop, backoff)
                 continue
             self.kafka_ok = self._producer is not None or self.kafka_ok
+            if reached:
+                self._up()
             backoff = 0.0
             if res.published >= self.s.relay_batch_size:
                 continue  # a full batch: more is probably waiting
             try:
                 await self.settle()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("relay: postgres unavailable", error=str(exc))
+                self._down(0, describe(exc), "relay: postgres unavailable", error=str(exc))
                 continue
             await self._idle(stop)
         try:
@@ -142,6 +165,27 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
 
     def _next_backoff(self, current: float) -> float:
         return min(self.s.relay_retry_max_s, max(0.2, current * 2))
+
+    def _kafka_reason(self, exc: Exception) -> str:
+        """Why Kafka failed. Before the relay ever reached it (start-up), an authentication or
+        authorization error is a misconfiguration and ends the relay (`outage_reason`);
+        once it has run, every Kafka error is an outage: retried, never fatal."""
+        if self.slots == 0:
+            return outage_reason(self.servers[1], exc) or describe(exc)
+        return describe(exc)
+
+    def _down(self, which: int, reason: str, event: str, **fields: Any) -> None:
+        """A round failed on servers[which]: log it if due (once, then every 10 s)."""
+        o = self.outages.down(self.servers[which], reason)
+        if o is not None:
+            log.warning(event, **fields, **o.fields(time.monotonic()))
+
+    def _up(self) -> None:
+        """A round that asked both servers went through: every outage is over."""
+        for server in self.servers:
+            if (o := self.outages.up(server)) is not None:
+                down_for = round(time.monotonic() - o.since, 1)
+                log.info(f"relay: {server.name} at {server.address} answers", down_for_s=down_for)
 
     async def _idle(self, stop: asyncio.Event) -> None:
         """Sleep until NOTIFY, the poll interval, or stop."""

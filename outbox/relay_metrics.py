@@ -36,6 +36,12 @@ class RelayMetrics:
             "Acks whose offset was not above one acked before (the broker lost records)",
             registry=r,
         )
+        self.healed_rows = Counter(
+            "mesh_relay_healed_rows",
+            "Outbox rows sent again by the relay itself because the broker lost them after "
+            "acking them (see mesh_relay_offset_regressions)",
+            registry=r,
+        )
         self.pruned = Counter("mesh_outbox_pruned", "Published rows pruned", registry=r)
         self.round_seconds = Histogram(
             "mesh_relay_round_seconds",

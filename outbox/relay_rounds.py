@@ -4,6 +4,9 @@ Rows are selected by "still unpublished" in id order, never "id > last id", so a
 that commits late is found by the next round. Only the acked prefix of each partition is
 marked, together with the replay index (mesh_audit_index). The mark may run on while the next
 round reads and sends, which skips those rows and waits for the mark before its own.
+
+When the broker lost acked records (relay_heal), the round's mark runs in one transaction with
+the heal, after it, and never in the background.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from agentmesh.outbox.relay_state import RelayState, Row
+from agentmesh.outbox.relay_heal import Healing
+from agentmesh.outbox.relay_state import Row
 from agentmesh.process import faults
 
 _FETCH_SQL = """
@@ -85,7 +89,7 @@ class RoundResult:
     failed_partitions: dict[int, str] = field(default_factory=dict)
 
 
-class RoundPublisher(RelayState):
+class RoundPublisher(Healing):
     """fetch -> send (relay_kafka) -> mark, and `settle` for a mark still running."""
 
     async def fetch(self) -> list[Row]:
@@ -103,16 +107,21 @@ class RoundPublisher(RelayState):
         `pipelined`: leave the mark running while the next round reads and sends (the next
         round skips these rows, and waits for this mark before it starts its own). Only after
         a round in which every batch was acked: after a failure nothing may overtake."""
+        self._forget_given_back()
         rows = await self.fetch()
         res = RoundResult()
         if not rows:
             await self.settle()
+            await self._check_ends()  # idle: did the broker lose what it had acked?
+            if self._lost:  # a loss found idle, or a heal whose transaction failed last round
+                await self._heal_and_mark([], [], [])
             return res
         started = time.perf_counter()
         producer = await self._ensure_producer()
         by_partition: dict[int, list[Row]] = {}
         for row in rows:  # the slot is the partition: Kafka's own key partitioning
             by_partition.setdefault(row.session_hash % self.slots, []).append(row)
+        await self._know_high(list(by_partition))
         if self._probe is not None:
             await self._touch(self._probe, list(by_partition))
         sent = await asyncio.gather(
@@ -129,7 +138,11 @@ class RoundPublisher(RelayState):
             if error is not None:
                 res.failed_partitions[p] = error
         await self.settle()  # marks stay in order: the previous round's first
-        if ids:
+        if self._lost:  # the broker lost acked records: heal, then mark, in one transaction
+            if ids:
+                faults.point("relay_after_ack")
+            await self._heal_and_mark(ids, parts, offsets)
+        elif ids:
             faults.point("relay_after_ack")
             if pipelined and not res.failed_partitions:
                 self._marking = asyncio.create_task(self._mark(ids, parts, offsets))
@@ -144,6 +157,18 @@ class RoundPublisher(RelayState):
         assert self.pool is not None
         await self.pool.execute(_MARK_SQL, self.s.audit_topic, ids, parts, offsets, INDEX_GAP)
         self.metrics.published.inc(len(ids))
+
+    async def _heal_and_mark(self, ids: list[int], parts: list[int], offsets: list[int]) -> None:
+        """The heal (relay_heal) and then the mark, in one transaction: the rows acked at
+        offsets the broker lost become unpublished before this round's acked rows, some of
+        them at those same offsets now, are marked."""
+        assert self.pool is not None
+        async with self.pool.acquire() as conn, conn.transaction():
+            healed = await self._heal(conn)
+            if ids:
+                await conn.execute(_MARK_SQL, self.s.audit_topic, ids, parts, offsets, INDEX_GAP)
+        self.metrics.published.inc(len(ids))
+        self._healed(healed)
 
     async def settle(self) -> None:
         """Wait for the pipelined mark, if one is running (raises what it raised)."""

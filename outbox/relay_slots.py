@@ -42,10 +42,16 @@ class SlotOwnership(RelayState):
             )
 
     async def _connect_locks(self) -> None:
+        """The connection that holds this relay's locks and hears NOTIFY; a half-set-up one
+        (its server went away in between) is closed, not left behind."""
         conn = await asyncpg.connect(self.s.postgres_dsn)
-        if self.member:
-            await conn.execute("SELECT pg_advisory_lock_shared($1, 0)", MEMBER_LOCK_CLASS)
-        await conn.add_listener("mesh_outbox", lambda *_: self._wake.set())
+        try:
+            if self.member:
+                await conn.execute("SELECT pg_advisory_lock_shared($1, 0)", MEMBER_LOCK_CLASS)
+            await conn.add_listener("mesh_outbox", lambda *_: self._wake.set())
+        except BaseException:
+            conn.terminate()
+            raise
         self._lock_conn = conn
         self.owned.clear()
 

@@ -45,7 +45,19 @@ class Row:
             self.agent,
             self.causation_id or "",
         )
-        return [(k, v.encode()) for k, v in zip(kafka.HEADERS, values, strict=True)]
+        out = [(k, v.encode()) for k, v in zip(kafka.HEADERS, values, strict=True)]
+        out.append((kafka.SEQ_HEADER, str(self.id).encode()))  # the session's commit order
+        return out
+
+
+@dataclass
+class Lost:
+    """A partition whose broker handed out an offset it had already acked to this relay: the
+    records from `offset` on are gone. Kept until the heal (relay_heal) has committed."""
+
+    offset: int  # the lowest offset handed out again
+    previous: int  # the highest offset acked before
+    dropped: int = 0  # rows acked in the same round at or after `offset`, not marked
 
 
 class RelayState(ABC):
@@ -73,10 +85,25 @@ class RelayState(ABC):
         self._probe: AIOKafkaConsumer | None = None
         self._partitions: list[int] = []
         self._high: dict[int, int] = {}  # partition -> highest offset acked to this relay
+        self._high_known: set[int] = set()  # partitions whose `_high` was looked up (relay_heal)
+        self._high_owned: set[int] = set()  # the slots owned when `_high_known` was last checked
+        self._lost: dict[int, Lost] = {}  # partition -> records lost, not yet healed
+        self._ends_checked = 0.0  # monotonic time of the last idle end-offset check
+        self._idle_healed: dict[int, float] = {}  # partition -> when an idle check found a loss
         self._wake = asyncio.Event()
         self._marking: asyncio.Task[None] | None = None  # the previous round's mark
         self._marking_ids: list[int] = []
         self.slots = 0  # the topic's partition count, once Kafka told it
+
+    def _note_lost(self, partition: int, offset: int, previous: int, *, dropped: int) -> None:
+        """The broker handed out `offset` of `partition` again, after acking up to `previous`."""
+        lost = self._lost.get(partition)
+        if lost is None:
+            self._lost[partition] = Lost(offset, previous, dropped)
+        else:
+            lost.offset = min(lost.offset, offset)
+            lost.previous = max(lost.previous, previous)
+            lost.dropped += dropped
 
     # -- supplied by the other pieces ---------------------------------------------------------
     @abstractmethod
@@ -86,6 +113,10 @@ class RelayState(ABC):
     @abstractmethod
     async def _ensure_producer(self) -> AIOKafkaProducer:
         """relay_kafka.KafkaLink: the producer, connected (KafkaUnavailable if Kafka is not)."""
+
+    @abstractmethod
+    async def _ends(self, partitions: list[int]) -> dict[int, int]:
+        """relay_kafka.KafkaLink: each partition's end offset (its high watermark), fetched."""
 
     @abstractmethod
     async def _touch(self, probe: AIOKafkaConsumer, partitions: list[int]) -> None:

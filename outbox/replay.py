@@ -1,13 +1,23 @@
-"""Replay one session from the Kafka audit log: its events, once each, in order.
+"""Replay one session from the Kafka audit log: its events, once each, in causal order.
 
 Kafka is the source; Postgres is only an index. When the relay recorded where the session's
 records are (`mesh_audit_index`: offset ranges with small gaps), replay seeks to each range
 of the session's partition in turn, so its cost follows the session's size. Without the
 index (Postgres gone, or `use_index=False`) it scans the session's partition: key = session
-id, so the partition is known, but every record in it is read.
+id, so the partition is known, but every record in it is read. An index that points past the
+end of a partition (the broker lost records) is not trusted: replay scans instead.
 
-Duplicates (a relay re-sent rows after a crash, or an operator republished them) carry the
-same event id; the first copy is kept, which is also the earliest position in the log.
+Order. Every record carries its outbox row's id (header `mesh-seq`): within one session, id
+order is commit order, and a cause commits before its effects. Events are sorted by it, not
+by offset: after the broker lost records, or a republish, copies written later can sit before
+older ones. Duplicates (a relay re-sent rows after a crash, or healed a loss, or an operator
+republished them) carry the same event id and the same sequence: each event is kept once.
+Records older relays wrote have no sequence; they keep their log order (first copy), and are
+placed among the sequenced ones by `created_at`.
+
+Gaps. `Replay.missing` lists events the log shows should be there and are not: ids a
+`mesh.action` lists as emitted, causes named by `causation_id`, and (when Postgres answers)
+rows the outbox marked published to this topic. See `find_missing`.
 
     replay = await replay_session(settings, "s-123")
     for e in replay.events: print(e.envelope.type)
@@ -16,9 +26,11 @@ same event id; the first copy is kept, which is also the earliest position in th
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,6 +39,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agentmesh.outbox import kafka
+from agentmesh.schemas.audit import ACTION, OPERATOR
 from agentmesh.schemas.envelope import Envelope
 from agentmesh.schemas.errors import PoisonMessage
 from agentmesh.schemas.registry import Registry
@@ -44,12 +57,17 @@ class ReplayError(RuntimeError):
     pass
 
 
+class _StaleIndex(Exception):
+    """The index names offsets past the end of a partition: records were lost there."""
+
+
 @dataclass(frozen=True)
 class ReplayedEvent:
     envelope: Envelope
-    partition: int
+    partition: int  # where the first copy read is
     offset: int
     copies: int = 1
+    seq: int | None = None  # the outbox row's id (header mesh-seq); None: an older relay's
 
     def payload(self, registry: Registry = default_registry) -> Any:
         """The payload as its registered model (upcast to the current version), else a dict."""
@@ -73,6 +91,48 @@ class Replay:
     unpublished: int | None = None  # outbox rows of the session not in Kafka yet
     elapsed_s: float = 0.0
     stopped_at: str | None = None  # the --until point, when one cut the timeline
+    missing: list[MissingEvent] = field(default_factory=list)  # see find_missing
+    stale_index: bool = False  # the index pointed past a partition's end: scanned instead
+
+
+@dataclass(frozen=True)
+class MissingEvent:
+    """An event the log shows should be there, and is not."""
+
+    event_id: str
+    why: str  # "emitted" (a mesh.action lists it), "cause" (an event names it as its cause),
+    # "published" (the outbox marked it published to this topic)
+    named_by: str | None = None  # the event in the log that names it
+    type: str | None = None  # known when the outbox still holds the row
+    in_outbox: bool | None = None  # None: Postgres was not asked (unreachable)
+
+    def describe(self) -> str:
+        """One line: which event, and how the log shows it should be there."""
+        what = f"event {self.event_id}" + (f" ({self.type})" if self.type else "")
+        if self.why == "emitted":
+            how = f"emitted by the action {self.named_by}"
+        elif self.why == "cause":
+            how = f"the cause of {self.named_by}"
+        else:
+            how = "marked published in the outbox"
+        if self.in_outbox is False:
+            how += "; no longer in the outbox (pruned), cannot be re-sent"
+        return f"{what}: {how}, not in the log"
+
+
+@dataclass(frozen=True)
+class _OutboxRow:
+    type: str
+    state: str  # "pending" (not published yet), "here" (published to this topic), "elsewhere"
+
+
+@dataclass
+class _Lookup:
+    """What Postgres says about the session, read in one snapshot."""
+
+    spans: list[tuple[int, int, int]]
+    unpublished: int
+    rows: dict[str, _OutboxRow]  # event id -> the outbox row, in id order
 
 
 @dataclass(frozen=True)
@@ -114,26 +174,43 @@ async def session_index(
 ) -> tuple[list[tuple[int, int, int]], int] | None:
     """The spans the relay recorded for the session, and its unpublished rows; None when
     Postgres cannot be reached."""
+    found = await _lookup(s, session_id)
+    return None if found is None else (found.spans, found.unpublished)
+
+
+async def _lookup(s: Settings, session_id: str) -> _Lookup | None:
+    """The session's index spans and outbox rows, in one snapshot (a row marked published is
+    then covered by the spans: the mark writes both in one statement); None when Postgres
+    cannot be reached."""
     try:
         conn = await asyncpg.connect(s.postgres_dsn, timeout=5)
     except (OSError, asyncpg.PostgresError, TimeoutError):
         return None
     try:
-        rows = await conn.fetch(
-            """SELECT kafka_partition, first_offset, last_offset FROM mesh_audit_index
-               WHERE topic = $1 AND session_id = $2 ORDER BY kafka_partition, first_offset""",
-            s.audit_topic,
-            session_id,
-        )
-        pending = await conn.fetchval(
-            "SELECT count(*) FROM mesh_outbox WHERE session_id = $1 AND published_at IS NULL",
-            session_id,
-        )
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            spans = await conn.fetch(
+                """SELECT kafka_partition, first_offset, last_offset FROM mesh_audit_index
+                   WHERE topic = $1 AND session_id = $2 ORDER BY kafka_partition, first_offset""",
+                s.audit_topic,
+                session_id,
+            )
+            rows = await conn.fetch(
+                """SELECT event_id::text AS event_id, type,
+                          CASE WHEN published_at IS NULL THEN 'pending'
+                               WHEN kafka_topic = $2 THEN 'here' ELSE 'elsewhere' END AS state
+                   FROM mesh_outbox WHERE session_id = $1 ORDER BY id""",
+                session_id,
+                s.audit_topic,
+            )
     except asyncpg.UndefinedTableError:
         return None
     finally:
         await conn.close()
-    return [(r[0], r[1], r[2]) for r in rows], int(pending)
+    return _Lookup(
+        spans=[(r[0], r[1], r[2]) for r in spans],
+        unpublished=sum(1 for r in rows if r["state"] == "pending"),
+        rows={r["event_id"]: _OutboxRow(r["type"], r["state"]) for r in rows},
+    )
 
 
 async def replay_session(
@@ -144,12 +221,16 @@ async def replay_session(
     use_index: bool = True,
     progress: Progress | None = None,
 ) -> Replay:
-    """Read the session's events from Kafka, dedup by event id, keep log order."""
+    """Read the session's events from Kafka, keep each event once, in causal order, and say
+    which events the log shows should be there but are not (`Replay.missing`).
+
+    `use_index=False` scans the session's partition instead of seeking to the ranges the
+    index recorded; Postgres is still asked which of the session's rows are published."""
     started = time.perf_counter()
     rep = Replay(session_id=session_id, topic=s.audit_topic)
-    index = await session_index(s, session_id) if use_index else None
-    if index is not None:
-        rep.unpublished = index[1]
+    found = await _lookup(s, session_id)
+    if found is not None:
+        rep.unpublished = found.unpublished
     consumer = kafka.consumer(s)
     await consumer.start()
     try:
@@ -159,43 +240,153 @@ async def replay_session(
             partitions = consumer.partitions_for_topic(s.audit_topic)
         if not partitions:
             raise ReplayError(f"Kafka has no topic {s.audit_topic!r}")
-        if index is not None and index[0]:
+        home = kafka.partition_of(session_id, partitions)
+        if use_index and found is not None and found.spans:
             rep.used_index = True
-            rep.spans = index[0]
+            rep.spans = found.spans
         else:
-            p = kafka.partition_of(session_id, partitions)
-            tp = TopicPartition(s.audit_topic, p)
-            start = (await consumer.beginning_offsets([tp]))[tp]
-            rep.spans = [(p, start, -1)]  # -1: to the end of the partition
-        seen: dict[str, int] = {}
-        found: list[ReplayedEvent] = []
-        key = session_id.encode()
-        for p, first, last in rep.spans:
-            async for rec in _read_span(consumer, s.audit_topic, p, first, last, rep, progress):
-                if rec.key != key:
-                    continue
-                env = Envelope.model_validate_json(rec.value)
-                if env.event_id in seen:
-                    rep.duplicates += 1
-                    i = seen[env.event_id]
-                    prior = found[i]
-                    found[i] = ReplayedEvent(
-                        prior.envelope, prior.partition, prior.offset, prior.copies + 1
-                    )
-                    continue
-                seen[env.event_id] = len(found)
-                found.append(ReplayedEvent(env, p, rec.offset))
+            rep.spans = await _whole(consumer, s.audit_topic, [home])
+        try:
+            events = await _read_events(consumer, rep, progress)
+        except _StaleIndex:  # the broker lost records the index points to: scan instead
+            parts = sorted({p for p, _, _ in rep.spans} | {home})
+            rep.used_index, rep.stale_index, rep.duplicates = False, True, 0
+            rep.spans = await _whole(consumer, s.audit_topic, parts)
+            events = await _read_events(consumer, rep, progress)
     finally:
         await consumer.stop()
-    if len({p for p, _, _ in rep.spans}) > 1:  # the partition count changed meanwhile
-        found.sort(key=lambda e: (e.envelope.created_at, e.partition, e.offset))
+    events = causal_order(events)
+    rep.missing = find_missing(events, None if found is None else found.rows)
     if until is not None:
-        found, cut = until.cut(found)
-        if cut and found:
-            rep.stopped_at = found[-1].envelope.event_id
-    rep.events = found
+        events, cut = until.cut(events)
+        if cut and events:
+            rep.stopped_at = events[-1].envelope.event_id
+    rep.events = events
     rep.elapsed_s = time.perf_counter() - started
     return rep
+
+
+async def _whole(
+    consumer: AIOKafkaConsumer, topic: str, partitions: list[int]
+) -> list[tuple[int, int, int]]:
+    """Spans covering these partitions from their first record to their end (-1)."""
+    tps = [TopicPartition(topic, p) for p in partitions]
+    starts = await consumer.beginning_offsets(tps)
+    return [(tp.partition, starts[tp], -1) for tp in tps]
+
+
+async def _read_events(
+    consumer: AIOKafkaConsumer, rep: Replay, progress: Progress | None
+) -> list[ReplayedEvent]:
+    """The session's events in `rep.spans`, each once (its first copy), in log order."""
+    by_id: dict[str, ReplayedEvent] = {}
+    key = rep.session_id.encode()
+    for p, first, last in rep.spans:
+        async for rec in _read_span(consumer, rep.topic, p, first, last, rep, progress):
+            if rec.key != key:
+                continue
+            env = Envelope.model_validate_json(rec.value)
+            seq = _seq(rec.headers)
+            prior = by_id.get(env.event_id)
+            if prior is None:
+                by_id[env.event_id] = ReplayedEvent(env, p, rec.offset, seq=seq)
+                continue
+            rep.duplicates += 1
+            by_id[env.event_id] = dataclasses.replace(
+                prior, copies=prior.copies + 1, seq=prior.seq if prior.seq is not None else seq
+            )
+    return list(by_id.values())
+
+
+def _seq(headers: Sequence[tuple[str, bytes]] | None) -> int | None:
+    for k, v in headers or ():
+        if k == kafka.SEQ_HEADER:
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
+def causal_order(events: Iterable[ReplayedEvent]) -> list[ReplayedEvent]:
+    """Events with a sequence (`mesh-seq`) sorted by it: the session's commit order, in which
+    every cause comes before its effects. Events without one (written by relays older than
+    the header) keep their log order (by created_at when they are in several partitions), and
+    are merged in among the sequenced ones by created_at."""
+    sequenced: list[tuple[int, ReplayedEvent]] = []
+    older: list[ReplayedEvent] = []
+    for e in events:
+        if e.seq is None:
+            older.append(e)
+        else:
+            sequenced.append((e.seq, e))
+    ordered = [e for _, e in sorted(sequenced, key=lambda pair: pair[0])]
+    if not older:
+        return ordered
+    if len({e.partition for e in older}) > 1:  # the partition count changed meanwhile
+        older.sort(key=lambda e: (e.envelope.created_at, e.partition, e.offset))
+    return list(heapq.merge(older, ordered, key=lambda e: e.envelope.created_at))
+
+
+def find_missing(
+    events: Sequence[ReplayedEvent], outbox: dict[str, _OutboxRow] | None = None
+) -> list[MissingEvent]:
+    """Events the log shows should be there, and are not, from `events` in causal order:
+
+    - every id a `mesh.action` lists as emitted (written in the same transaction as it);
+    - the cause (`causation_id`) of every event;
+    - with the outbox's rows of the session (`outbox`, when Postgres answered): every row
+      marked published to this topic.
+
+    With the outbox, a row still unpublished is on its way, not missing, and a cause the outbox
+    never held (an event sent straight onto a stream from outside the mesh, or pruned) is not
+    reported. Without it (Postgres unreachable), the log alone decides, and these causes are
+    not reported: the session's first event's (it may come from outside the mesh; the events
+    it caused name it too), an operator action's (its target may never have passed through
+    the outbox), and any event an operator action names (an edited DLQ envelope, put on its
+    stream by hand)."""
+    present = {e.envelope.event_id for e in events}
+    out: dict[str, MissingEvent] = {}
+
+    def add(event_id: str, why: str, named_by: str | None) -> None:
+        if event_id in present or event_id in out:
+            return
+        row = outbox.get(event_id) if outbox is not None else None
+        if outbox is not None and (
+            (row is None and why == "cause") or (row is not None and row.state == "pending")
+        ):
+            return
+        out[event_id] = MissingEvent(
+            event_id=event_id,
+            why=why,
+            named_by=named_by,
+            type=row.type if row is not None else None,
+            in_outbox=None if outbox is None else row is not None,
+        )
+
+    by_hand = {
+        str(e.envelope.payload.get("event_id"))
+        for e in events
+        if e.envelope.type == OPERATOR and e.envelope.payload.get("event_id")
+    }
+    first_cause = events[0].envelope.causation_id if events else None
+    for e in events:
+        env = e.envelope
+        if env.type == ACTION:
+            emitted = env.payload.get("emitted")
+            for event_id in emitted if isinstance(emitted, list) else []:
+                if isinstance(event_id, str):
+                    add(event_id, "emitted", env.event_id)
+        cause = env.causation_id
+        if cause is None:
+            continue
+        if outbox is None and (cause == first_cause or env.type == OPERATOR or cause in by_hand):
+            continue
+        add(cause, "cause", env.event_id)
+    for event_id, row in (outbox or {}).items():
+        if row.state == "here":
+            add(event_id, "published", None)
+    return list(out.values())
 
 
 async def _read_span(
@@ -210,7 +401,8 @@ async def _read_span(
     """Records of one partition from `first` to `last` inclusive (-1: to the high watermark).
 
     The end is taken from the fetch responses' high watermark: Tansu's ListOffsets(latest)
-    does not report it, while fetches do (and Apache Kafka agrees with both)."""
+    does not report it, while fetches do (and Apache Kafka agrees with both). `_StaleIndex`
+    when the partition ends before `last`: the broker lost records the index points to."""
     tp = TopicPartition(topic, partition)
     consumer.assign([tp])
     consumer.seek(tp, first)
@@ -237,11 +429,7 @@ async def _read_span(
         if records:
             stalled_since = time.monotonic()
         elif high is not None and last >= 0 and high <= last:
-            raise ReplayError(
-                f"the index says the session reaches offset {last} of {topic}[{partition}] but "
-                f"the partition ends at {high}: was the topic lost? "
-                "(`mesh outbox republish --session` re-sends it)"
-            )
+            raise _StaleIndex(f"{topic}[{partition}] ends at {high}, the index says {last}")
         elif time.monotonic() - stalled_since > _STALL_S:
             raise ReplayError(f"Kafka returned nothing from {topic}[{partition}] at {position}")
 

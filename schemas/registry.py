@@ -7,23 +7,33 @@ upcasters: `v1 -> v2 -> ... -> current`. A consumer always sees the current mode
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from agentmesh.schemas.depth import MAX_DEPTH, too_deep
 from agentmesh.schemas.envelope import MAX_ENVELOPE_BYTES, Envelope
 from agentmesh.schemas.errors import (
+    DecodeError,
+    InvalidEncoding,
     MalformedEnvelope,
     MalformedJSON,
     Oversize,
+    PoisonMessage,
     SchemaViolation,
+    TooDeep,
     UnknownEventType,
     UnsupportedSchemaVersion,
+    ValidatorError,
 )
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+# `\ud800`-`\udfff` escaped: a surrogate, which is text only as half of a valid pair
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass(kw_only=True)
@@ -104,14 +114,43 @@ class Registry:
         return env
 
     def decode(self, raw: bytes | str) -> Decoded:
-        """Wire bytes -> (envelope, typed payload). Raises a PoisonMessage subclass on bad input."""
+        """Wire bytes -> (envelope, typed payload). Raises a PoisonMessage subclass on bad input.
+
+        Whatever goes wrong while decoding one entry is poison for that entry (`decode_error`
+        when nothing more precise is known): it must never fail the batch the entry came in.
+        """
+        try:
+            return self._decode(raw)
+        except PoisonMessage:
+            raise
+        except Exception as exc:  # RecursionError, MemoryError, a bug in a model, ...
+            raise DecodeError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _decode(self, raw: bytes | str) -> Decoded:
+        if isinstance(raw, str):
+            try:
+                raw = raw.encode()
+            except UnicodeEncodeError as exc:
+                raise InvalidEncoding(f"not encodable as UTF-8: {exc}") from None
         size = len(raw)
         if size > self.max_bytes:
             raise Oversize(f"envelope is {size} bytes, limit is {self.max_bytes}")
+        if too_deep(raw, MAX_DEPTH):  # before parsing: the parser recurses once per level
+            raise TooDeep(f"arrays/objects nested deeper than {MAX_DEPTH} levels")
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            text = raw.decode()  # strict: no invalid bytes, no encoded surrogates
+        except UnicodeDecodeError as exc:
+            raise InvalidEncoding(f"not UTF-8: {exc}") from None
+        if text.startswith("\ufeff"):  # a UTF-8 byte order mark, as json.loads(bytes) allows
+            text = text[1:]
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
             raise MalformedJSON(f"not valid JSON: {exc}") from None
+        except RecursionError:  # cannot happen under MAX_DEPTH; named if it ever does
+            raise TooDeep("too deeply nested to parse") from None
+        if "\\" in text and _SURROGATE_ESCAPE.search(text) and _lone_surrogate(data):
+            raise InvalidEncoding("a string holds a lone surrogate escape (\\ud800-\\udfff)")
         if not isinstance(data, dict):
             raise MalformedEnvelope("envelope must be a JSON object")
         if not data.get("event_id"):
@@ -155,6 +194,20 @@ class Registry:
             return et.model.model_validate(data)
         except ValidationError as exc:
             raise SchemaViolation(f"{et.name}: {_short(exc)}") from None
+        except Exception as exc:  # a validator that raised, say, ZeroDivisionError
+            raise ValidatorError(
+                f"{et.name}: a validator raised {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _lone_surrogate(data: Any) -> bool:
+    """True when a string (or key) in parsed JSON holds a surrogate that is not half of a pair
+    (json.loads joins valid pairs into one character). Only run when the text escapes one."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _short(exc: ValidationError) -> str:

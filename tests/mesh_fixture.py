@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from agentmesh.agents import Agent, Context, DependencySpec, NonRetryable, RetryPolicy
@@ -19,7 +19,14 @@ from agentmesh.schemas import registry
 class Job(BaseModel):
     n: int
     sleep_ms: int = 0
-    fail: str | None = None  # "always" | "nonretryable"
+    fail: str | None = None  # "always" | "nonretryable" | "crash" | "in_validator"
+
+    @field_validator("fail")
+    @classmethod
+    def _buggy_validator(cls, fail: str | None) -> str | None:
+        if fail == "in_validator":  # a model with a bug: raises, but no ValidationError
+            raise ZeroDivisionError("division by zero")
+        return fail
 
 
 class JobDone(BaseModel):
@@ -71,6 +78,8 @@ async def do_job(job: Job, ctx: Context) -> dict[str, int]:
     await redis().incr("t:started")
     if job.sleep_ms:
         await asyncio.sleep(job.sleep_ms / 1000)
+    if job.fail == "crash":  # the process dies with it, like a segfault or an OOM kill
+        os._exit(1)
     if job.fail == "always":
         raise RuntimeError(f"job {job.n} always fails")
     if job.fail == "nonretryable":

@@ -66,6 +66,10 @@ async def test_relay_publishes_rows_with_key_headers_and_recorded_offsets(
     assert len(records) == 50  # no crash: every row exactly once
     assert_in_order(first_copies(records), {f"s-{i}": 10 for i in range(5)})
     by_id = {e.event_id: e for e in envs}
+    seq = {
+        r["event_id"]: str(r["id"])
+        for r in await pg.fetch("SELECT id, event_id::text FROM mesh_outbox")
+    }
     for r in records:
         h = {k: v.decode() for k, v in r.headers}
         env = by_id[h["event_id"]]
@@ -77,6 +81,7 @@ async def test_relay_publishes_rows_with_key_headers_and_recorded_offsets(
             "session_id": env.session_id,
             "agent": "loadgen",
             "causation_id": "",
+            "mesh-seq": seq[env.event_id],  # the outbox row's id: the session's commit order
         }
     # the relay recorded where each row went, and one index row per session
     rows = await pg.fetch("SELECT event_id::text, kafka_partition, kafka_offset FROM mesh_outbox")

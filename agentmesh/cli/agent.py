@@ -62,9 +62,10 @@ def agent_list(module: ModuleOpt = None, as_json: JsonOpt = False) -> None:
         emit_json(rows)
         return
     table = Table("agent", "consumes (type → stream)", "emits", "dependencies")
-    for r in rows:
-        consumes = "\n".join(f"{t} → {s}" for t, s in r["consumes"].items())
-        table.add_row(r["name"], consumes, ", ".join(r["emits"]), ", ".join(r["dependencies"]))
+    for r in rows:  # from the agents module, not the wire; safe() all the same ("[" in a name)
+        consumes = "\n".join(f"{safe(t)} → {safe(s)}" for t, s in r["consumes"].items())
+        table.add_row(safe(r["name"]), consumes, safe(", ".join(r["emits"])),
+                      safe(", ".join(r["dependencies"])))  # fmt: skip
     out.print(table)
 
 
@@ -98,15 +99,16 @@ def publish(
             sent = await mesh.publish(event_type, data, session_id=session,
                                       idempotency_key=idempotency_key, stream=stream)  # fmt: skip
             if not as_json:
-                out.print(f"published {safe(event_type)} {sent.event_id} to {safe(stream)} "
-                          f"(session {safe(sent.session_id)})")  # fmt: skip
+                out.print(f"published {safe(event_type)} {safe(sent.event_id)} to "
+                          f"{safe(stream)} (session {safe(sent.session_id)})")  # fmt: skip
             if not wait:
                 return sent, None
             with err.status(f"following session {safe(sent.session_id)}") as bar:
 
                 def shown(st: SessionState) -> None:
                     if not as_json:
-                        bar.update(f"session {safe(st.session_id)}: {st.status} · {safe(st.step)}")
+                        bar.update(f"session {safe(st.session_id)}: {safe(st.status)} · "
+                                   f"{safe(st.step, 200)}")  # fmt: skip
 
                 return sent, await mesh.follow(sent.session_id, timeout_s=timeout, on_update=shown)
 
@@ -117,7 +119,8 @@ def publish(
         if not as_json:
             step = state.step if state else "no agent acted"
             out.print(f"session {safe(sent.session_id)}: "
-                      f"{state.status if state else 'timed out'} · {safe(step)}")  # fmt: skip
+                      f"{safe(state.status) if state else 'timed out'} · "
+                      f"{safe(step, 200)}")  # fmt: skip
     if as_json:
         emit_json(result)
     if wait and (state is None or state.status == "running"):

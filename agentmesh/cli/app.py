@@ -17,7 +17,6 @@ import pydantic
 import redis.exceptions
 import typer
 from aiokafka.errors import KafkaConnectionError, KafkaError
-from rich.markup import escape
 from rich.table import Table
 
 from agentmesh._version import __version__
@@ -31,6 +30,7 @@ from agentmesh.cli.common import (
     emit_json,
     err,
     out,
+    safe,
     settings,
 )
 from agentmesh.client.errors import InvalidRequest, MeshError
@@ -88,7 +88,7 @@ def config(as_json: JsonOpt = False) -> None:
         return
     table = Table("setting", "value", "env var")
     for k, v in data.items():
-        table.add_row(k, str(v), f"MESH_{k.upper()}")
+        table.add_row(safe(k), safe(v), safe(f"MESH_{k.upper()}"))
     out.print(table)
 
 
@@ -104,7 +104,9 @@ def _is_usage_error(exc: Exception) -> bool:
 
 
 def _line(message: str, code: int) -> None:
-    err.print(f"[red]error:[/] {escape(message)}", highlight=False)
+    """The one line a failure prints: its message may quote values from the wire, so safe()
+    (markup escaped, newlines and other control characters shown as escapes, cut)."""
+    err.print(f"[red]error:[/] {safe(message, 2000)}", highlight=False)
     sys.exit(code)
 
 

@@ -4,6 +4,7 @@ rendered from `Mesh.relay_status`, `Mesh.replay`, `Mesh.republish` and `Mesh.red
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from agentmesh.cli.common import (
     out,
     progress_bar,
     run,
+    safe,
     settings,
 )
 from agentmesh.cli.timeline import render
@@ -117,7 +119,7 @@ def replay(
             rep = run(go(progress))
         except ValueError as exc:  # --until names an event outside the session
             fail(str(exc), EXIT_INPUT)
-    if not rep.events:
+    if not rep.events and not rep.missing:
         pending = f" ({rep.unpublished} still in the outbox)" if rep.unpublished else ""
         fail(f"no events for session {session!r} in {rep.topic}{pending}", EXIT_FAILED)
     folded = fold_state(rep.events, agents.values()) if state else None
@@ -126,11 +128,33 @@ def replay(
             sys.stdout.write(e.envelope.to_json() + "\n")
         if folded is not None:
             emit_json({"state": folded})
+        _missing(rep, as_json=True)
         return
-    render(rep, out)
+    if rep.events:
+        render(rep, out)
     if folded is not None:
         out.print("[bold]state[/] (folded from the events above):")
         out.print_json(json.dumps(folded, default=str))
+    _missing(rep, as_json=False)
+
+
+def _missing(rep: Replay, *, as_json: bool) -> None:
+    """Events the log shows should be there and are not: one line each and the repair
+    command (JSON mode: one more JSON line), then exit 1. Nothing when none are missing."""
+    if not rep.missing:
+        return
+    repair = f"mesh outbox republish --session {shlex.quote(rep.session_id)}"
+    if as_json:
+        emit_json({"missing": [asdict(m) for m in rep.missing], "repair": repair})
+    else:
+        for m in rep.missing:  # text from the log: made inert by safe()
+            err.print(f"missing: {safe(m.describe())}", highlight=False)
+        err.print(
+            f"error: {len(rep.missing)} event(s) of session {safe(repr(rep.session_id))} are "
+            f"missing from {safe(rep.topic)}; to send them again: {safe(repair)}",
+            highlight=False,
+        )
+    raise typer.Exit(EXIT_FAILED)
 
 
 # -- outbox ---------------------------------------------------------------------------------

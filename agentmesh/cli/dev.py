@@ -19,6 +19,7 @@ from agentmesh.cli.common import (
     fail,
     out,
     run,
+    safe,
     settings,
     spinner,
 )
@@ -66,9 +67,9 @@ def _print_status(rows: list[devstack.ServiceStatus], as_json: bool) -> None:
     table = Table("service", "state", "pid", "address", "detail")
     for r in rows:
         state = "[green]running[/]" if r.running else "[red]stopped[/]"
-        table.add_row(r.name, state, str(r.pid or "-"), r.address, r.detail)
+        table.add_row(safe(r.name), state, str(r.pid or "-"), safe(r.address), safe(r.detail))
     for p in devstack.background.listed(stack_config(settings())):
-        table.add_row(p.name, "[green]running[/]", str(p.pid), "-", "mesh process")
+        table.add_row(safe(p.name), "[green]running[/]", str(p.pid), "-", "mesh process")
     out.print(table)
 
 

@@ -23,6 +23,7 @@ from agentmesh.cli.common import (
     ago,
     emit_json,
     fail,
+    json_text,
     load_agents,
     out,
     progress_bar,
@@ -42,6 +43,10 @@ AgentOpt = Annotated[str | None, typer.Option("--agent", help="Agent that gave u
 MatchOpt = Annotated[str | None, typer.Option("--match", help="Text in the reason or error.")]
 OlderOpt = Annotated[str | None, typer.Option("--older-than", help="Age, e.g. 15m, 2h.")]
 NewerOpt = Annotated[str | None, typer.Option("--newer-than", help="Age, e.g. 30s, 1d.")]
+
+#: How much of one value a view shows: a table cell of `dlq list`, a field of `dlq show`, and
+#: a text envelope or traceback (--json has them whole).
+CELL, FIELD, BLOCK = 60, 4000, 20_000
 IdArg = Annotated[str | None, typer.Argument(metavar="[ID]", help="DLQ entry id.")]
 AllOpt = Annotated[bool, typer.Option("--all", help="Every entry in the DLQ.")]
 ForceOpt = Annotated[
@@ -106,9 +111,9 @@ def dlq_list(
         return
     table = Table("id", "age", "stream", "agent", "type", "session", "reason", "tries", "error")
     for e in entries:
-        table.add_row(safe(e.id), ago(e.age_s), safe(e.stream), safe(e.agent), safe(e.event_type),
-                      safe(e.session_id), safe(e.reason), str(e.deliveries),
-                      safe(e.error[:60]))  # fmt: skip
+        table.add_row(safe(e.id), ago(e.age_s), safe(e.stream, CELL), safe(e.agent, CELL),
+                      safe(e.event_type, CELL), safe(e.session_id, CELL), safe(e.reason, CELL),
+                      str(e.deliveries), safe(e.error, CELL))  # fmt: skip
     out.print(table)
     out.print(f"{len(entries)} dead-lettered message(s) in {safe(dlq_stream)}")
 
@@ -142,16 +147,17 @@ def dlq_show(
         ("last failure", entry.last_failure),
         ("dead-lettered", entry.dead_lettered_at),
     ):
-        table.add_row(name, safe(value))
+        table.add_row(name, safe(value, FIELD))
     out.print(table)
-    out.print("envelope:")
-    if isinstance(entry.envelope, str):
-        out.print(entry.envelope, markup=False, highlight=False)
-    else:
-        out.print_json(data=entry.envelope)
+    note = f" ({safe(entry.envelope_error, FIELD)})" if entry.envelope_error else ""
+    out.print(f"envelope{note}:", highlight=False)
+    if isinstance(entry.envelope, str):  # not JSON (or too deep to decode): the text itself
+        out.print(safe(entry.envelope, BLOCK, lines=True), highlight=False)
+    else:  # depth-limited, every string made safe; never rich's JSON of data from the wire
+        out.print(safe(json_text(entry.envelope), lines=True), highlight=False)
     if entry.traceback:
         out.print("traceback:")
-        out.print(entry.traceback, markup=False, highlight=False)
+        out.print(safe(entry.traceback, BLOCK, lines=True), highlight=False)
 
 
 def _act(
@@ -186,7 +192,7 @@ def _act(
         table = Table("id", done, "detail", "audit event")
         for o in outcomes:
             table.add_row(safe(o.id), "[green]yes[/]" if o.done else "[red]no[/]",
-                          safe(o.detail), o.audit_event_id or "-")  # fmt: skip
+                          safe(o.detail, 300), safe(o.audit_event_id or "-"))  # fmt: skip
         out.print(table)
         out.print(f"{sum(o.done for o in outcomes)} of {len(outcomes)} {done}")
     if not all(o.done for o in outcomes):

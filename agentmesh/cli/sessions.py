@@ -3,6 +3,7 @@ rendering over `Mesh.sessions`, `Mesh.session`, `Mesh.replay`, `Mesh.approve|rej
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import asdict
 from typing import Annotated, Any
@@ -50,9 +51,9 @@ def sessions_cmd(
         return
     table = Table("session", "status", "step / outcome", "age", "last activity", "actions")
     for r in rows:
-        status = f"[{COLOUR[r.status]}]{r.status}[/]"
+        status = f"[{COLOUR.get(r.status, 'white')}]{safe(r.status, 20)}[/]"
         last = ago_ts(r.last_activity) + " ago"
-        table.add_row(safe(r.session_id), status, safe(r.step), ago_ts(r.started), last,
+        table.add_row(safe(r.session_id, 80), status, safe(r.step, 80), ago_ts(r.started), last,
                       str(r.actions))  # fmt: skip
     out.print(table)
 
@@ -80,8 +81,10 @@ def session_cmd(
         fail(f"no session {session!r}: no agent has acted in it", EXIT_FAILED)
     timeline = rep.events if rep else []
     unpublished = (rep.unpublished or 0) if rep else 0
+    missing = rep.missing if rep else []
     if as_json:
         emit_json({**asdict(row), "unpublished": unpublished,
+                   "missing": [asdict(m) for m in missing],
                    "timeline": [e.envelope.model_dump(mode="json") for e in timeline]})  # fmt: skip
         return
     deadline = ""
@@ -89,8 +92,8 @@ def session_cmd(
         left = row.deadline - time.time()
         deadline = f" · deadline in {left:.0f} s" if left > 0 else " · deadline passed"
     out.print(
-        f"session {safe(session)}: [bold]{row.status}[/] · {safe(row.step)}"
-        + (f" ({safe(row.reason)})" if row.reason else "")
+        f"session {safe(session)}: [bold]{safe(row.status, 20)}[/] · {safe(row.step, 200)}"
+        + (f" ({safe(row.reason, 500)})" if row.reason else "")
         + deadline
         + f" · {row.actions} action(s), started {ago_ts(row.started)} ago",
         highlight=False,
@@ -99,6 +102,9 @@ def session_cmd(
         render(rep, out)
     if unpublished:
         out.print(f"{unpublished} event(s) still in the outbox, not yet in Kafka")
+    if missing:  # `mesh replay SESSION` lists them
+        out.print(f"{len(missing)} event(s) missing from Kafka; to send them again: "
+                  f"mesh outbox republish --session {safe(shlex.quote(session))}")  # fmt: skip
 
 
 def approve_cmd(
@@ -139,15 +145,15 @@ def _decide(session: str, decision: str, reason: str, module: str | None, as_jso
         emit_json(data)
     else:
         done = {"approve": "approved", "reject": "rejected"}[decision]
-        out.print(f"{done} session {safe(session)} ({safe(d.step)}) as {safe(d.operator)}; "
-                  f"event {d.event_id}")  # fmt: skip
+        out.print(f"{done} session {safe(session)} ({safe(d.step, 200)}) as "
+                  f"{safe(d.operator, 200)}; event {safe(d.event_id)}")  # fmt: skip
         if d.acted_on.event_id is None:
-            err.print(f"note: {safe(d.agent)} has not acted on it yet (is it running?)")
+            err.print(f"note: {safe(d.agent, 200)} has not acted on it yet (is it running?)")
     if not d.won:
         err.print(
-            f"error: another decision on this step was acted on first: {d.acted_on.decision} "
-            f"by {d.acted_on.operator}; yours was skipped",
+            "error: another decision on this step was acted on first: "
+            f"{safe(d.acted_on.decision, 200)} by {safe(d.acted_on.operator, 200)}; "
+            "yours was skipped",
             highlight=False,
-            markup=False,
         )
         raise typer.Exit(EXIT_FAILED)

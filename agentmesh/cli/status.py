@@ -42,12 +42,12 @@ def status(
         return
     table = Table("stream", "length", "group", "lag", "pending", "consumers (pending, idle)")
     for r in data.streams:
-        consumers = ", ".join(f"{safe(c.name)} ({c.pending}, {_idle(c.idle_ms)})"
+        consumers = ", ".join(f"{safe(c.name, 60)} ({c.pending}, {_idle(c.idle_ms)})"
                               for c in r.consumers)  # fmt: skip
         lag = "?" if r.lag is None and r.group else str(r.lag if r.lag is not None else "-")
         pending = "-" if r.pending is None else str(r.pending)
-        table.add_row(safe(r.stream), str(r.length), safe(r.group or "-"), lag, pending,
-                      consumers or "-")  # fmt: skip
+        table.add_row(safe(r.stream, 80), str(r.length), safe(r.group or "-", 80), lag,
+                      pending, consumers or "-")  # fmt: skip
     out.print(table)
     colour = "red" if data.dlq.depth else "green"
     out.print(f"DLQ {safe(data.dlq.stream)}: [{colour}]{data.dlq.depth}[/] message(s)")
@@ -56,13 +56,14 @@ def status(
         now = time.time()
         for b in data.breakers:
             state = {"closed": "[green]closed[/]", "open": "[red]open[/]"}.get(
-                b.state, f"[yellow]{safe(b.state)}[/]"
+                b.state, f"[yellow]{safe(b.state, 40)}[/]"
             )
             opened = "never"
             if b.opened:
                 since = (now - b.last_opened_at) * 1000 if b.last_opened_at else 0
                 opened = f"{b.opened}x, last {_idle(since)} ago"
-            bt.add_row(safe(b.agent), safe(b.dependency), safe(b.replica), state, opened)
+            bt.add_row(safe(b.agent, 60), safe(b.dependency, 60), safe(b.replica, 60), state,
+                       opened)  # fmt: skip
         out.print(bt)
     else:
         out.print("breakers: none reported (no running agent has a dependency)")

@@ -1,4 +1,7 @@
-"""Rendering a replayed session for people: one row per event, what happened in plain words."""
+"""Rendering a replayed session for people: one row per event, what happened in plain words.
+
+Everything in a row came from Kafka and may be anything a producer wrote: every value goes
+through `safe()` (markup escaped, control characters shown as escapes)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from agentmesh.cli.common import safe
 from agentmesh.outbox.replay import Replay
 from agentmesh.schemas.audit import ACTION
 
@@ -21,7 +25,10 @@ def summary(
         return _cut(json.dumps(payload, default=str), limit)
     if event_type == ACTION:
         names = types or {}
-        emitted = ", ".join(names.get(i, i) for i in payload.get("emitted") or []) or "nothing"
+        ids = payload.get("emitted")
+        shown = [names.get(i, i) if isinstance(i, str) else _compact(i)
+                 for i in (ids if isinstance(ids, list) else [])]  # fmt: skip
+        emitted = ", ".join(shown) or "nothing"
         result = payload.get("result")
         text = f"handled {payload.get('input_type')} → emitted {emitted}"
         if result not in (None, {}, []):
@@ -47,10 +54,10 @@ def render(rep: Replay, console: Console) -> None:
     parts = sorted({p for p, _, _ in rep.spans})
     more = f" and {len(ranges) - 3} more ranges" if len(ranges) > 3 else ""
     shown = ", ".join(ranges[:3]) + more
-    where = f"{rep.topic}[{', '.join(map(str, parts))}] offsets {shown}"
+    where = safe(f"{rep.topic}[{', '.join(map(str, parts))}] offsets {shown}")
     how = "seeked with the relay's offset index" if rep.used_index else "scanned the partition"
     console.print(
-        f"[bold]session {rep.session_id}[/]: {len(rep.events)} events from Kafka "
+        f"[bold]session {safe(rep.session_id, 200)}[/]: {len(rep.events)} events from Kafka "
         f"({where}; {how}; {rep.records_read} records read in {rep.elapsed_s:.2f} s"
         + (f"; {rep.duplicates} duplicate copies dropped" if rep.duplicates else "")
         + ")",
@@ -66,13 +73,14 @@ def render(rep: Replay, console: Console) -> None:
             str(i),
             env.created_at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
             f"{since:.3f}",
-            env.source,
-            env.type,
-            summary(env.type, env.payload, types=types),
+            safe(env.source, 60),
+            safe(env.type, 60),
+            safe(summary(env.type, env.payload, types=types)),
         )
     console.print(table)
     if rep.stopped_at:
-        console.print(f"(stopped at event {rep.stopped_at}, as --until asked)", highlight=False)
+        console.print(f"(stopped at event {safe(rep.stopped_at, 200)}, as --until asked)",
+                      highlight=False)  # fmt: skip
     if rep.unpublished:
         console.print(
             f"[yellow]note:[/] {rep.unpublished} more events of this session are still in the "

@@ -13,8 +13,11 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from agentmesh.schemas.depth import MAX_DEPTH, too_deep
+
 #: How many entries one XRANGE reads, so a DLQ of a million entries does not blow memory twice.
 PAGE = 1000
+
 
 Page = list[tuple[bytes, dict[bytes, bytes]]]
 
@@ -35,17 +38,50 @@ class DlqEntry:
     first_failure: str
     last_failure: str
     dead_lettered_at: str
-    envelope: Any  # the decoded JSON, or the raw text when it is not JSON
+    envelope: Any  # the decoded JSON, or the raw text (as far as it is text) when it is not
     raw: bytes = b""  # the envelope bytes, verbatim (what a retry puts back)
+    envelope_error: str = ""  # why `envelope` is raw text (or shown with U+FFFD); "" when fine
 
     @property
     def event_type(self) -> str:
-        return str(self.envelope.get("type", "?")) if isinstance(self.envelope, dict) else "?"
+        return _field(self.envelope, "type")
 
     @property
     def session_id(self) -> str:
-        env = self.envelope
-        return str(env.get("session_id", "?")) if isinstance(env, dict) else "?"
+        return _field(self.envelope, "session_id")
+
+
+def _field(envelope: Any, key: str) -> str:
+    """A top-level text field of an envelope from the wire, which may be any JSON at all: the
+    text itself, another value as compact JSON (cut), "?" when missing or not an object."""
+    value = envelope.get(key, "?") if isinstance(envelope, dict) else "?"
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, default=str, separators=(",", ":"))[:200]
+    except (ValueError, TypeError, RecursionError):
+        return "?"
+
+
+def decode_envelope(raw: bytes) -> tuple[Any, str]:
+    """(the envelope for display, "" or why it is not decoded JSON); never raises.
+
+    Bytes that are not UTF-8 are shown with U+FFFD in their place (the entry's `raw` keeps
+    them as they were); JSON nested deeper than MAX_DEPTH, or not JSON at all, stays text."""
+    try:
+        text, error = raw.decode("utf-8"), ""
+    except UnicodeDecodeError as exc:
+        text = raw.decode("utf-8", errors="replace")
+        error = f"not valid UTF-8 (byte {exc.start}; shown as U+FFFD)"
+    if too_deep(raw):
+        return text, f"nested deeper than {MAX_DEPTH} levels: not decoded"
+    also = f"{error}; " if error else ""
+    try:
+        return json.loads(text), error
+    except json.JSONDecodeError as exc:
+        return text, f"{also}not JSON: {exc}"
+    except (ValueError, RecursionError, MemoryError) as exc:  # e.g. an int of 5000 digits
+        return text, f"{also}not decodable: {type(exc).__name__}: {exc}"[:300]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,16 +113,29 @@ def _text(value: bytes | None) -> str:
     return (value or b"").decode("utf-8", errors="replace")
 
 
-def to_entry(entry_id: bytes | str, fields: dict[bytes, bytes], now: float) -> DlqEntry:
-    ident = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    raw = _text(fields.get(b"envelope"))
+def _int(value: bytes | None) -> int:
     try:
-        envelope: Any = json.loads(raw)
-    except json.JSONDecodeError:
-        envelope = raw
+        return int(value or 0)
+    except ValueError:  # not a number, or more digits than int() takes
+        return 0
+
+
+def _age_s(ident: str, now: float) -> float:
+    try:
+        return max(0.0, now - int(ident.split("-")[0]) / 1000)
+    except ValueError:
+        return 0.0
+
+
+def to_entry(entry_id: bytes | str, fields: dict[bytes, bytes], now: float) -> DlqEntry:
+    """A DLQ stream entry as an operator sees it. Never raises, whatever the fields hold: a
+    producer may have written anything, and one such entry must not hide the others."""
+    ident = _text(entry_id) if isinstance(entry_id, bytes) else entry_id
+    raw = fields.get(b"envelope") or b""
+    envelope, envelope_error = decode_envelope(raw)
     return DlqEntry(
         id=ident,
-        age_s=max(0.0, now - int(ident.split("-")[0]) / 1000),
+        age_s=_age_s(ident, now),
         stream=_text(fields.get(b"stream")),
         entry_id=_text(fields.get(b"entry_id")),
         group=_text(fields.get(b"group")),
@@ -95,12 +144,13 @@ def to_entry(entry_id: bytes | str, fields: dict[bytes, bytes], now: float) -> D
         error_type=_text(fields.get(b"error_type")),
         error=_text(fields.get(b"error")),
         traceback=_text(fields.get(b"traceback")),
-        deliveries=int(fields.get(b"deliveries") or 0),
+        deliveries=_int(fields.get(b"deliveries")),
         first_failure=_text(fields.get(b"first_failure")),
         last_failure=_text(fields.get(b"last_failure")),
         dead_lettered_at=_text(fields.get(b"dead_lettered_at")),
         envelope=envelope,
-        raw=fields.get(b"envelope") or b"",
+        raw=raw,
+        envelope_error=envelope_error,
     )
 
 

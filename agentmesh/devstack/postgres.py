@@ -3,6 +3,13 @@ create the mesh database.
 
 PostgreSQL refuses to run as root, and the machines this runs on often are root: then the
 cluster belongs to a system user (``agentmesh-pg``) that initdb and postgres run as.
+
+A postmaster killed with SIGKILL leaves its lock files behind (``postmaster.pid`` in the
+data dir, ``.s.PGSQL.<port>.lock`` next to its socket). PostgreSQL ignores one whose pid is
+gone, but refuses to start ("lock file ... already exists") while that pid is any process
+its user may signal: the dead postmaster still a zombie nobody reaped yet, or an unrelated
+process that got the pid. ``start`` removes such a file when /proc shows its pid is not a
+live postmaster of this cluster, and never while one owns it (``running_postmaster``).
 """
 
 from __future__ import annotations
@@ -17,9 +24,18 @@ import time
 from pathlib import Path
 
 from agentmesh.devstack.config import PG_MAJOR, PG_SYSTEM_USER, StackConfig, StackError
-from agentmesh.devstack.procs import fail, open_log, spawn
+from agentmesh.devstack.procs import fail, is_ours, open_log, spawn
 
-__all__ = ["bindir", "ensure_db", "psql", "start", "system_account"]
+__all__ = [
+    "bindir",
+    "clear_stale_locks",
+    "ensure_db",
+    "lock_files",
+    "psql",
+    "running_postmaster",
+    "start",
+    "system_account",
+]
 
 
 def bindir() -> Path:
@@ -106,6 +122,45 @@ def _socket_dir(cfg: StackConfig) -> Path:
     return cfg.run_dir / "pgsock"
 
 
+def lock_files(cfg: StackConfig) -> list[Path]:
+    """The lock files a postmaster of this cluster writes, its pid on their first line."""
+    return [
+        cfg.data_dir("postgres") / "postmaster.pid",
+        _socket_dir(cfg) / f".s.PGSQL.{cfg.pg_port}.lock",
+    ]
+
+
+def _lock_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split("\n", 1)[0].strip())
+    except (OSError, ValueError):
+        return None
+
+
+def running_postmaster(cfg: StackConfig) -> int | None:
+    """The pid of a live postmaster of this cluster, as its postmaster.pid names it (one
+    started without our pidfile, or whose pidfile was lost), else None."""
+    pid = _lock_pid(lock_files(cfg)[0])
+    return pid if pid is not None and is_ours(cfg, "postgres", pid) else None
+
+
+def clear_stale_locks(cfg: StackConfig) -> list[Path]:
+    """Remove the lock files whose pid is not a live postmaster of this cluster (a killed
+    one's: gone, a zombie, or the pid now someone else's); the removed ones. A file that
+    cannot be read is left for PostgreSQL to judge."""
+    removed: list[Path] = []
+    for path in lock_files(cfg):
+        pid = _lock_pid(path)
+        if pid is None or is_ours(cfg, "postgres", pid):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        with open_log(cfg, "postgres", ["rm", "-f", *map(str, removed)]) as log:
+            log.write(b"stale lock files of a postmaster that is no longer running\n")
+    return removed
+
+
 def start(cfg: StackConfig, deadline: float) -> int:
     """initdb the cluster if it is new, then spawn the postmaster; its pid.
 
@@ -168,6 +223,10 @@ def start(cfg: StackConfig, deadline: float) -> int:
     cmd = [str(bins / "postgres"), "-D", str(data)]
     for key, value in settings.items():
         cmd += ["-c", f"{key}={value}"]
+    owner = running_postmaster(cfg)
+    if owner is not None:  # stack.up adopts one; never take its lock files away
+        raise fail(cfg, "postgres", f"a postmaster (pid {owner}) already runs on {data}")
+    clear_stale_locks(cfg)
     return spawn(cfg, "postgres", cmd, env=env, account=account, cwd=data)
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "cmdline",
     "fail",
     "forget",
+    "is_ours",
     "log_tail",
     "open_log",
     "owned_pid",
@@ -169,12 +170,18 @@ def _markers(cfg: StackConfig, name: str) -> tuple[str, str]:
     }[name]
 
 
+def is_ours(cfg: StackConfig, name: str, pid: int) -> bool:
+    """pid runs (a zombie does not) and /proc shows it is this stack's server `name`, not a
+    process that got the pid of a dead one. Without /proc, a live pid is taken as ours."""
+    return alive(pid) and (not HAVE_PROC or all(m in cmdline(pid) for m in _markers(cfg, name)))
+
+
 def owned_pid(cfg: StackConfig, name: str) -> int | None:
     """The live pid of our process for name; a stale pidfile is removed."""
     pid = read_pid(cfg, name)
     if pid is None:
         return None
-    if alive(pid) and (not HAVE_PROC or all(m in cmdline(pid) for m in _markers(cfg, name))):
+    if is_ours(cfg, name, pid):
         return pid
     cfg.pid_file(name).unlink(missing_ok=True)
     return None

@@ -99,6 +99,15 @@ def _start_redis(cfg: StackConfig, port: int) -> int:
     return spawn(cfg, "redis", cmd, cwd=data)
 
 
+def _adopt_postmaster(cfg: StackConfig) -> int | None:
+    """A live postmaster of this cluster without our pidfile (it was lost): recorded as ours,
+    so it is neither started twice nor its lock file taken away."""
+    pid = postgres.running_postmaster(cfg)
+    if pid is not None:
+        cfg.pid_file("postgres").write_text(f"{pid}\n")
+    return pid
+
+
 def _start(cfg: StackConfig, name: str, deadline: float, storage: str) -> int:
     port = _port(cfg, name)
     grace = time.monotonic() + 3  # a just-stopped server may still be closing its socket
@@ -138,8 +147,11 @@ def up(
     """Start the services that are not running and wait until each answers.
 
     Idempotent: a running, answering service is left alone (same pid). A stale pidfile is
-    cleaned up and the service restarted. ``timeout`` bounds the whole call. A service
-    that fails to come up is stopped again and StackError names it, with its log tail.
+    cleaned up and the service restarted; so are PostgreSQL's own lock files a killed
+    postmaster left (``postgres.clear_stale_locks``), while a live postmaster of the cluster
+    whose pidfile was lost is adopted, not started twice. (Redis runs without a pidfile of its
+    own, s3rver and Tansu write none.) ``timeout`` bounds the whole call. A service that
+    fails to come up is stopped again and StackError names it, with its log tail.
     """
     procs = _expand(services)
     deadline = time.monotonic() + timeout
@@ -154,6 +166,8 @@ def up(
                 continue
         storage = "memory://tansu/" if s3_problem else f"s3://{S3_BUCKET}/"
         pid = owned_pid(cfg, name)
+        if pid is None and name == "postgres":
+            pid = _adopt_postmaster(cfg)
         started = pid is None
         if pid is None:
             pid = _start(cfg, name, deadline, storage)
@@ -203,7 +217,7 @@ def kill9(cfg: StackConfig, service: str) -> None:
 
     "kafka" kills the broker only (its S3 storage keeps running, like a broker crash);
     kill "s3" separately to lose the storage. The pidfile is left behind, as after a real
-    crash; ``up`` cleans it up and restarts the service.
+    crash (and PostgreSQL's postmaster.pid); ``up`` cleans them up and restarts the service.
     """
     _check_names([service])
     pid = owned_pid(cfg, service)

@@ -1,4 +1,9 @@
-"""structlog set-up: readable console lines by default, JSON lines for log shippers."""
+"""structlog set-up: readable console lines by default, JSON lines for log shippers.
+
+Client libraries log through the standard library; their loggers that speak up during a
+server outage share one handler that makes each error one line (`OneLineErrors`: no
+traceback for a lost connection) and lets a repeated line through once per window
+(`RepeatFilter`)."""
 
 from __future__ import annotations
 
@@ -7,10 +12,58 @@ import sys
 import time
 from collections.abc import Callable
 
+import aiokafka.errors
+import asyncpg
+import redis.exceptions
 import structlog
 
 #: Client libraries that log one line per failed request while a server is down.
 NOISY_LIBRARIES = ("aiokafka", "kafka")
+#: Loggers whose records carry a traceback for what is only a server outage: asyncpg's pool
+#: logs one each time it fails to reconnect its minimum of connections ("Failed to restore
+#: the pool connection floor"); asyncio logs one for a connection error nobody retrieved
+#: ("Future exception was never retrieved"). Both become one line (`OneLineErrors`).
+OUTAGE_LOGGERS = ("asyncpg", "asyncio")
+#: Errors that mean a server went away (or never answered), not a bug.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, timed out, unresolved host
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # "connection was closed in the middle of operation"
+    asyncpg.exceptions.OperatorInterventionError,  # "the database system is shutting down"
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    aiokafka.errors.KafkaConnectionError,
+)
+
+
+class OneLineErrors(logging.Filter):
+    """Turn a record's traceback into one line, "message (ErrorType: error)", when the error
+    is a server outage (OUTAGE_ERRORS), or for any error of a logger under `whole_loggers`
+    (asyncpg logs exceptions only about its connections). Other tracebacks (bugs) are kept.
+
+    A server outage is expected and handled (the process retries); a traceback for each
+    failed reconnect only buries what matters. With RepeatFilter after it, the line also
+    comes at most once per window."""
+
+    def __init__(self, whole_loggers: tuple[str, ...] = ("asyncpg",)) -> None:
+        super().__init__()
+        self.whole_loggers = whole_loggers
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        whole = record.name.split(".")[0] in self.whole_loggers
+        if not whole and not isinstance(exc, OUTAGE_ERRORS):
+            return True
+        text = str(exc).strip().splitlines()
+        summary = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        message = "; ".join(line.strip() for line in record.getMessage().splitlines())
+        record.msg = f"{message} ({summary})"
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        return True
 
 
 class RepeatFilter(logging.Filter):
@@ -62,8 +115,9 @@ def configure(*, fmt: str = "console", level: str = "INFO") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+    handler.addFilter(OneLineErrors())  # first: RepeatFilter then sees the one-line message
     handler.addFilter(RepeatFilter())
-    for name in NOISY_LIBRARIES:
+    for name in (*NOISY_LIBRARIES, *OUTAGE_LOGGERS):
         lib = logging.getLogger(name)
         lib.handlers[:] = [handler]
         lib.propagate = False
