@@ -44,13 +44,7 @@ class KafkaLink(RelayState):
                 raise
             self._producer = p
         if self.s.kafka_touch_partitions and self._probe is None:
-            probe = kafka.probe_consumer(self.s)
-            try:
-                await probe.start()
-            except Exception:
-                await _stop_quietly(probe)
-                raise
-            self._probe = probe
+            self._probe = await self._start_probe()
         if not self._partitions:
             parts = sorted(await self._producer.partitions_for(self.s.audit_topic))
             if parts != list(range(len(parts))):
@@ -60,6 +54,15 @@ class KafkaLink(RelayState):
                 self.slots = len(parts)
             self._partitions = parts
         return self._producer
+
+    async def _start_probe(self) -> AIOKafkaConsumer:
+        probe = kafka.probe_consumer(self.s)
+        try:
+            await probe.start()
+        except Exception:
+            await _stop_quietly(probe)
+            raise
+        return probe
 
     async def _reset_producer(self) -> None:
         p, self._producer, self._partitions = self._producer, None, []
@@ -84,13 +87,7 @@ class KafkaLink(RelayState):
         the partition is loaded; a fetch is what loads it). The probe is started if needed."""
         await self._ensure_producer()
         if self._probe is None:
-            probe = kafka.probe_consumer(self.s)
-            try:
-                await probe.start()
-            except Exception:
-                await _stop_quietly(probe)
-                raise
-            self._probe = probe
+            self._probe = await self._start_probe()
         try:
             return await self._fetch_once(self._probe, partitions)
         except OSError as exc:

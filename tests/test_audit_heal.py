@@ -74,6 +74,15 @@ async def _published(pg: asyncpg.Connection, n: int) -> bool:
     return int(done) >= n
 
 
+async def _all_in_kafka(s: Settings, pg: asyncpg.Connection) -> bool:
+    """Every outbox row is marked published and its event is in the topic."""
+    if await backlog(pg):
+        return False
+    in_kafka = {dict(r.headers)["event_id"].decode() for r in await read_topic(s)}
+    rows = await pg.fetch("SELECT event_id::text FROM mesh_outbox")
+    return {r["event_id"] for r in rows} <= in_kafka
+
+
 async def heal_events(s: Settings) -> list[dict[str, Any]]:
     rep = await replay_session(s, "operator")
     return [
@@ -111,14 +120,9 @@ async def test_relay_resends_what_the_broker_lost_by_itself_in_several_partition
     await insert(pg, [event(x, k) for k in range(8, 12) for x in sessions])
 
     # no operator command: the relay sees offset 0 handed out again and re-sends by itself
-    async def all_in_kafka() -> bool:
-        if await backlog(pg):
-            return False
-        in_kafka = {dict(r.headers)["event_id"].decode() for r in await read_topic(s)}
-        rows = await pg.fetch("SELECT event_id::text FROM mesh_outbox")
-        return {r["event_id"] for r in rows} <= in_kafka
-
-    await eventually(all_in_kafka, timeout=90, interval=1, what="every row in Kafka again")
+    await eventually(
+        lambda: _all_in_kafka(s, pg), timeout=90, interval=1, what="every row in Kafka again"
+    )
     assert await metric(port, "mesh_relay_healed_rows_total") == sum(acked.values())
     assert await metric(port, "mesh_relay_offset_regressions_total") == len(lost)
     log = relay.log()
@@ -440,14 +444,9 @@ async def test_an_idle_relay_heals_a_partition_nobody_writes_to_any_more(
     await eventually(lambda: _empty(pg), timeout=60, what="rows published")
     lose_partitions(stack, s.audit_topic, [3])  # and nothing is written afterwards
 
-    async def all_in_kafka() -> bool:
-        if await backlog(pg):
-            return False
-        in_kafka = {dict(r.headers)["event_id"].decode() for r in await read_topic(s)}
-        rows = await pg.fetch("SELECT event_id::text FROM mesh_outbox")
-        return {r["event_id"] for r in rows} <= in_kafka
-
-    await eventually(all_in_kafka, timeout=60, interval=1, what="the lost partition re-sent")
+    await eventually(
+        lambda: _all_in_kafka(s, pg), timeout=60, interval=1, what="the lost partition re-sent"
+    )
     assert await metric(port, "mesh_relay_healed_rows_total") > 0
     for x in sessions:
         rep = await replay_session(s, x)
