@@ -3,12 +3,16 @@
 The row commits *before* the action is carried out, so the log never misses an action that
 happened; if the command dies in between, the log shows an attempt the operator can see and
 repeat (a retry or a drop of an entry that is already gone is refused, not done twice).
+
+Who acted is not the caller's to say. The database stamps every `mesh.operator` row with the
+role the connection logged in as (`session_user`, migration 0007), and refuses the row when
+that role may not take the action (approve, DLQ, repair: see docs/access-control.md). The
+`operator` a caller passes is only what it believes it is (a relay's name, a job's): when it
+differs from the role it is kept as `detail.claimed_by`.
 """
 
 from __future__ import annotations
 
-import getpass
-import os
 from typing import Any
 
 import asyncpg
@@ -21,9 +25,10 @@ from agentmesh.schemas.registry import registry
 NO_SESSION = "operator"  # where an action on an unreadable envelope or many sessions is filed
 
 
-def current_operator() -> str:
-    """Who is acting: MESH_OPERATOR if set (a CI job, a shared bastion), else the login."""
-    return os.environ.get("MESH_OPERATOR") or getpass.getuser()
+async def session_role(conn: asyncpg.Connection | asyncpg.Pool) -> str:
+    """The role this connection logged in as: the identity its operator actions are recorded
+    under (SET ROLE does not change it)."""
+    return str(await conn.fetchval("SELECT session_user"))
 
 
 async def record_operator_action(
@@ -38,6 +43,9 @@ async def record_operator_action(
     stream: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> Envelope:
+    """Write the action's audit row; returns the envelope as the database stored it (with
+    the operator it recorded). Raises asyncpg.InsufficientPrivilegeError when the
+    connection's role may not take `action`."""
     env = registry.make(
         OPERATOR,
         {
@@ -56,4 +64,7 @@ async def record_operator_action(
     row = outbox_rows.OutboxRows()
     row.add(None, env)  # no stream: the audit log only
     await outbox_rows.insert(conn, row, skip_existing=False)
-    return env
+    stored = await conn.fetchval(
+        "SELECT envelope FROM mesh_outbox WHERE event_id = $1::uuid", env.event_id
+    )
+    return Envelope.model_validate_json(stored) if stored else env

@@ -2,7 +2,7 @@
 become a red line and an exit code.
 
 Exit codes: 0 ok, 1 the operation failed, 2 bad input (usage, invalid payload),
-3 a server (Redis, PostgreSQL, Kafka) is unreachable.
+3 a server (Redis, PostgreSQL, Kafka) is unreachable, 4 the credential lacks the right.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from rich.table import Table
 
 from agentmesh._version import __version__
-from agentmesh.cli import agent, audit, demo, dev, dlq, sessions, status
+from agentmesh.cli import access, agent, audit, demo, dev, dlq, sessions, status
 from agentmesh.cli.common import (
     EXIT_FAILED,
+    EXIT_FORBIDDEN,
     EXIT_INPUT,
     EXIT_UNAVAILABLE,
     CliError,
@@ -69,6 +70,7 @@ app.add_typer(agent.agent_app, name="agent")
 app.add_typer(audit.relay_app, name="relay")
 app.add_typer(audit.outbox_app, name="outbox")
 app.add_typer(dlq.dlq_app, name="dlq")
+app.add_typer(access.access_app, name="access")
 app.command("publish")(agent.publish)
 app.command("replay")(audit.replay)
 app.command("sessions")(sessions.sessions_cmd)
@@ -122,6 +124,8 @@ def main() -> None:
         _line(str(exc), EXIT_INPUT)
     except MeshError as exc:
         _line(str(exc), EXIT_FAILED)
+    except (asyncpg.InsufficientPrivilegeError, redis.exceptions.NoPermissionError) as exc:
+        _line(f"permission denied: {exc}", EXIT_FORBIDDEN)
     except (redis.exceptions.ConnectionError, ConnectionRefusedError, OSError) as exc:
         _line(f"cannot reach a server: {exc}", EXIT_UNAVAILABLE)
     except KafkaConnectionError as exc:

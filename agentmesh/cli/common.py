@@ -34,6 +34,7 @@ err = Console(stderr=True, soft_wrap=True, emoji=False)
 
 #: 0 ok, 1 the operation failed, 2 bad input (usage, invalid payload), 3 a server is unreachable.
 EXIT_FAILED, EXIT_INPUT, EXIT_UNAVAILABLE = 1, 2, 3
+EXIT_FORBIDDEN = 4  # the credential may not do this (a PostgreSQL role, a Redis ACL user)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 ModuleOpt = Annotated[

@@ -7,7 +7,8 @@ the benchmarks are callers of this class, as a notebook or an admin API would be
 
 Connections are opened on first use, so a command that needs only Redis works while
 PostgreSQL is down. Every write an operator makes is recorded in the audit log first, under
-`operator` (default: `MESH_OPERATOR`, else the login).
+the PostgreSQL role the client logged in as: the database stamps it (migration 0007), so the
+name recorded is the credential's, never one the caller typed (docs/access-control.md).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from agentmesh.client.dlq import DeadLetters
 from agentmesh.client.errors import InvalidRequest
 from agentmesh.client.sessions import SessionState, session_states
 from agentmesh.client.status import MeshStatus, RelayStatus, collect, relay_status
-from agentmesh.outbox.operator import current_operator
+from agentmesh.outbox.operator import session_role
 from agentmesh.outbox.publish import publish_events
 from agentmesh.outbox.replay import Replay, Until
 from agentmesh.outbox.resend import ResendResult, Selection
@@ -52,7 +53,11 @@ class Mesh:
 
     def __init__(self, settings: Settings | None = None, *, operator: str | None = None):
         self.settings = settings or load_settings()
-        self.operator = operator or current_operator()
+        #: Free text the caller gives (a job's name); never recorded as the identity.
+        self.note = operator
+        #: Who the database says we are (session_user), known once PostgreSQL is connected;
+        #: operator actions are recorded under this name whatever the caller passes.
+        self.operator = ""
         self.dlq = DeadLetters(self)
         self._redis: Redis | None = None
         self._pool: asyncpg.Pool | None = None
@@ -85,10 +90,15 @@ class Mesh:
         """The PostgreSQL pool, opened on first use."""
         async with self._pool_lock:
             if self._pool is None:
-                self._pool = await asyncpg.create_pool(
-                    self.settings.postgres_dsn, min_size=1, max_size=4
-                )
+                pool = await asyncpg.create_pool(self.settings.postgres_dsn, min_size=1, max_size=4)
+                self.operator = await session_role(pool)
+                self._pool = pool
         return self._pool
+
+    async def identity(self) -> str:
+        """The role operator actions of this client are recorded under (session_user)."""
+        await self.pg()
+        return self.operator
 
     @property
     def streams(self) -> Streams:
@@ -112,7 +122,7 @@ class Mesh:
             expected = registry.stream_of(event_type)
             fields: dict[str, Any] = {
                 "session_id": session_id or f"s-{new_event_id()}",
-                "source": source or f"cli:{self.operator}",
+                "source": source or "cli",
             }
             if idempotency_key:
                 fields["idempotency_key"] = idempotency_key
@@ -125,7 +135,10 @@ class Mesh:
             raise InvalidRequest(f"event type {event_type} has no stream to publish on")
         if stream is not None and stream != expected:
             raise InvalidRequest(f"{event_type} travels on stream {expected!r}, not {stream!r}")
-        (entry_id,) = await publish_events(await self.pg(), self.streams, [(expected, env)])
+        pool = await self.pg()
+        if source is None:  # who published it: the role the database knows us as
+            env = type(env).model_validate({**env.model_dump(), "source": f"cli:{self.operator}"})
+        (entry_id,) = await publish_events(pool, self.streams, [(expected, env)])
         return Published(
             event_id=env.event_id, session_id=env.session_id, stream=expected, entry_id=entry_id
         )

@@ -1,0 +1,88 @@
+-- Operator identity that cannot be typed, and operator rights by role.
+--
+-- Every operator action is a `mesh.operator` row in mesh_outbox (outbox/operator.py). The
+-- database, not the client, says who wrote it: a trigger sets the payload's `operator` (and
+-- the envelope's `source`, the row's `agent`) to session_user, the role the connection logged
+-- in as. A name the client wrote that differs is kept as `detail.claimed_by`, never as the
+-- identity. The same trigger refuses the row unless that role may take the action:
+--
+--   approve, reject            member of mesh_approve
+--   dlq.*, outbox.*            member of mesh_dlq
+--   audit.heal                 member of mesh_relay
+--
+-- Superusers and members of the role that owns mesh_outbox (a deployment that runs everything
+-- under one credential, as the local stack does) may take every action. The group roles are
+-- created by `mesh access pg-roles` (agentmesh/access/pg_roles.py), not here: roles belong to
+-- the cluster, and the migrating role need not be allowed to create them.
+
+-- The group role an action needs; NULL: not an operator action this mesh knows.
+CREATE FUNCTION mesh_operator_right(action text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN action IN ('approve', 'reject') THEN 'mesh_approve'
+        WHEN action LIKE 'dlq.%' OR action LIKE 'outbox.%' THEN 'mesh_dlq'
+        WHEN action = 'audit.heal' THEN 'mesh_relay'
+    END
+$$;
+
+-- May the role of this connection act as a member of `grp`?
+CREATE FUNCTION mesh_session_may(grp text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = session_user), false)
+        OR coalesce((SELECT pg_has_role(session_user, c.relowner, 'MEMBER')
+                     FROM pg_class c WHERE c.oid = 'mesh_outbox'::regclass), false)
+        OR (grp IS NOT NULL
+            AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = grp)
+            AND pg_has_role(session_user, grp, 'MEMBER'))
+$$;
+
+CREATE FUNCTION mesh_operator_stamp() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    env     jsonb := NEW.envelope::jsonb;
+    act     text := env #>> '{payload,action}';
+    grp     text := mesh_operator_right(act);
+    who     text := session_user;
+    claimed text := env #>> '{payload,operator}';
+BEGIN
+    IF grp IS NULL THEN
+        RAISE EXCEPTION 'unknown operator action %', coalesce(act, '(none)')
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF NOT mesh_session_may(grp) THEN
+        RAISE EXCEPTION 'role "%" may not %: it needs membership in %', who, act, grp
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('GRANT %I TO %I;', grp, who);
+    END IF;
+    IF coalesce(claimed, '') NOT IN ('', who) THEN
+        env := jsonb_set(env, '{payload,detail}',
+                         coalesce(env #> '{payload,detail}', '{}'::jsonb)
+                         || jsonb_build_object('claimed_by', claimed));
+    END IF;
+    env := jsonb_set(env, '{payload,operator}', to_jsonb(who));
+    env := jsonb_set(env, '{source}', to_jsonb('operator:' || who));
+    NEW.envelope := env::text;
+    NEW.agent := 'operator:' || who;
+    RETURN NEW;
+END $$;
+
+CREATE TRIGGER mesh_operator_stamp BEFORE INSERT ON mesh_outbox
+    FOR EACH ROW WHEN (NEW.type = 'mesh.operator') EXECUTE FUNCTION mesh_operator_stamp();
+
+-- The type column is what the trigger above keys on; the envelope's own type is what Kafka
+-- readers see. They must agree, or a row typed 'x' could carry a `mesh.operator` envelope past
+-- the trigger. (jsonb: a key given twice counts as its last value, as Python's json reads it.)
+ALTER TABLE mesh_outbox ADD CONSTRAINT mesh_outbox_type_is_envelope_type
+    CHECK (type = (envelope::jsonb ->> 'type')) NOT VALID;
+
+-- A stamped row is never rewritten: the relay marks rows (published_at, kafka_*), nobody edits
+-- what an operator row says or who wrote it.
+CREATE FUNCTION mesh_operator_frozen() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'an operator action row cannot be changed (event %)', OLD.event_id
+        USING ERRCODE = 'insufficient_privilege';
+END $$;
+
+CREATE TRIGGER mesh_operator_frozen BEFORE UPDATE OF envelope, agent, type ON mesh_outbox
+    FOR EACH ROW WHEN (OLD.type = 'mesh.operator') EXECUTE FUNCTION mesh_operator_frozen();
