@@ -31,6 +31,23 @@ async def session_role(conn: asyncpg.Connection | asyncpg.Pool) -> str:
     return str(await conn.fetchval("SELECT session_user"))
 
 
+async def require_right(conn: asyncpg.Connection | asyncpg.Pool, action: str) -> None:
+    """Raise asyncpg.InsufficientPrivilegeError, naming the group role the action needs, when
+    this connection's role may not take it. The trigger of migration 0007 enforces the same
+    rule on the insert; asking first turns a bare "permission denied for table" (a read-only
+    role has no INSERT at all) into a message that says which right is missing."""
+    row = await conn.fetchrow(
+        "SELECT session_user AS who, mesh_operator_right($1) AS grp, "
+        "mesh_session_may(mesh_operator_right($1)) AS may",
+        action,
+    )
+    if row is not None and not row["may"]:
+        raise asyncpg.InsufficientPrivilegeError(
+            f'role "{row["who"]}" may not {action}: it needs membership in '
+            f"{row['grp'] or 'an operator role'} (docs/access-control.md)"
+        )
+
+
 async def record_operator_action(
     conn: asyncpg.Connection | asyncpg.Pool,
     *,
@@ -46,6 +63,7 @@ async def record_operator_action(
     """Write the action's audit row; returns the envelope as the database stored it (with
     the operator it recorded). Raises asyncpg.InsufficientPrivilegeError when the
     connection's role may not take `action`."""
+    await require_right(conn, action)
     env = registry.make(
         OPERATOR,
         {

@@ -1,0 +1,126 @@
+"""PostgreSQL roles from `mesh access pg-roles`, against the real server: each credential can
+do its job and nothing else; an agent's role cannot write an operator action."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from agentmesh import devstack
+from agentmesh.access import pg_roles
+from agentmesh.outbox import outbox_rows
+from agentmesh.outbox.operator import record_operator_action
+from agentmesh.outbox.unit_of_work import UnitOfWork, Work
+from agentmesh.schemas import registry
+from tests.access_helpers import apply_roles, dsn_as, plan
+from tests.conftest import eventually
+from tests.helpers import job
+
+
+@pytest.fixture
+async def roles(stack: devstack.StackConfig, pg: asyncpg.Connection, tmp_path: Path):  # type: ignore[no-untyped-def]
+    return await apply_roles(stack, tmp_path / "secrets")
+
+
+async def test_every_table_is_classified(pg: asyncpg.Connection) -> None:
+    """A migration that adds a table must say who may use it (pg_roles.TABLES)."""
+    tables = {
+        r["tablename"]
+        for r in await pg.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    }
+    assert tables == set(pg_roles.TABLES)
+
+
+async def test_agent_role_cannot_write_an_operator_action(stack, roles, pg) -> None:  # type: ignore[no-untyped-def]
+    conn = await asyncpg.connect(dsn_as(stack, "mesh_agent_finisher", roles))
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="mesh_approve"):
+            await record_operator_action(conn, operator="alice", action="approve", reason="",
+                                         target="x", session_id="s-1")  # fmt: skip
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="mesh_dlq"):
+            await record_operator_action(conn, operator="carol", action="dlq.drop", reason="",
+                                         target="x", session_id="s-1")  # fmt: skip
+        # an operator envelope under another type column: the check constraint refuses it
+        env = registry.make("mesh.operator", {"operator": "alice", "action": "approve",
+                            "reason": "", "target": "x"}, session_id="s-1")  # fmt: skip
+        rows = outbox_rows.OutboxRows()
+        rows.add(None, env)
+        params = rows.params()
+        params[2] = ["job.done"]  # the type column
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(outbox_rows.INSERT_SQL, *params)
+        # cannot mark rows published, prune them, or read the relay's tables
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("UPDATE mesh_outbox SET published_at = now()")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("DELETE FROM mesh_outbox")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetch("SELECT * FROM mesh_audit_index")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("DELETE FROM mesh_actions")
+    finally:
+        await conn.close()
+    assert await pg.fetchval("SELECT count(*) FROM mesh_outbox") == 0
+
+
+async def test_agent_role_runs_its_unit_of_work(stack, roles, pg) -> None:  # type: ignore[no-untyped-def]
+    """The grants are enough for the agent's own work: look-up, commit, stored handoffs."""
+    pool = await asyncpg.create_pool(dsn_as(stack, "mesh_agent_worker", roles), min_size=1,
+                                     max_size=2)  # fmt: skip
+    assert pool is not None
+    try:
+        assert await pool.fetchval("SELECT session_user") == "mesh_agent_worker"
+        uow = UnitOfWork(pool, "worker")
+        inp = job(1)
+        done = registry.make("job.done", {"n": 1}, session_id=inp.session_id)
+        work = Work(idempotency_key=inp.idempotency_key, input=inp, stream="t:jobs",
+                    entry_id="1-0", result={"n": 1}, handoffs=[("t:done", done)])  # fmt: skip
+        res = await uow.commit([work])
+        assert [w.idempotency_key for w in res.committed] == [inp.idempotency_key], res.failed
+        stored = await uow.stored_handoffs([inp.idempotency_key])
+        assert [o.event_id for o in stored[inp.idempotency_key]] == [done.event_id]
+    finally:
+        await pool.close()
+    assert await pg.fetchval("SELECT count(*) FROM mesh_actions WHERE agent = 'worker'") == 1
+
+
+async def test_read_only_operator_cannot_write(stack, roles, pg) -> None:  # type: ignore[no-untyped-def]
+    conn = await asyncpg.connect(dsn_as(stack, "bob", roles))
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM mesh_actions") == 0  # may read
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await record_operator_action(conn, operator="bob", action="approve", reason="",
+                                         target="x", session_id="s-1")  # fmt: skip
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("UPDATE mesh_outbox SET published_at = NULL")
+    finally:
+        await conn.close()
+
+
+async def test_printed_sql_has_no_password_and_apply_is_idempotent(stack, roles, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    printed = pg_roles.script(plan(), [], None)
+    assert "PASSWORD" not in printed
+    secret = roles.password("postgres", "mesh_agent_worker")
+    with_verifiers = pg_roles.script(plan(), [], roles)
+    assert "SCRAM-SHA-256$" in with_verifiers and secret not in with_verifiers
+    again = await apply_roles(stack, tmp_path / "secrets")  # the same files: same passwords
+    assert again.password("postgres", "mesh_agent_worker") == secret
+    assert (tmp_path / "secrets" / "postgres" / "mesh_agent_worker").stat().st_mode & 0o077 == 0
+
+
+async def test_relay_publishes_under_its_role(stack, roles, pg, relays) -> None:  # type: ignore[no-untyped-def]
+    """The relay's grants are enough to send the outbox to Kafka and mark it (index, slots)."""
+    env = registry.make("job.done", {"n": 1}, session_id="s-relay")
+    rows = outbox_rows.OutboxRows()
+    rows.add(None, env)
+    await outbox_rows.insert(pg, rows, skip_existing=False)
+    relay = relays(MESH_POSTGRES_DSN=dsn_as(stack, pg_roles.RELAY_LOGIN, roles))
+
+    async def published() -> bool:
+        return bool(await pg.fetchval("SELECT published_at IS NOT NULL FROM mesh_outbox"))
+
+    await eventually(published, timeout=60, what="the row published by mesh_relay_user")
+    assert await pg.fetchval("SELECT count(*) FROM mesh_audit_index") == 1
+    assert relay.alive() and "permission denied" not in relay.log(), relay.log()
