@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import asyncpg
 
 import tests.mesh_fixture  # noqa: F401  (registers the agents the plan is made from)
 from agentmesh import devstack
@@ -11,10 +13,8 @@ from agentmesh.access import pg_roles
 from agentmesh.access.plan import AccessPlan, plan_for
 from agentmesh.access.secrets import Secrets
 from agentmesh.agents.agent import AGENTS
-from agentmesh.schemas import registry
-from agentmesh.schemas.approval import Decision
 
-OPERATORS = ("alice=approve", "carol=dlq", "bob=read")
+OPERATORS = ("ava=approve", "dan=dlq", "rita=read")  # names no other test uses
 
 
 def plan() -> AccessPlan:
@@ -39,10 +39,24 @@ def redis_url_as(stack: devstack.StackConfig, user: str, sec: Secrets) -> str:
     return f"redis://{user}:{pw}@{stack.host}:{stack.redis_port}/0"
 
 
-class TestDecided(Decision):
-    """The decision type of the identity tests' waiting step."""
+def dsn_with_user(dsn: str, user: str) -> str:
+    parts = urlsplit(dsn)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
 
 
-DECISION_TYPE = "t.decided"
-if DECISION_TYPE not in registry:
-    registry.register(DECISION_TYPE, TestDecided, stream="t:decisions")
+async def operator_env(env: dict[str, str], name: str) -> dict[str, str]:
+    """`env` for an operator who logs in to PostgreSQL as the role `name`, a member of the
+    tables' owner (so with every right, as a single-credential deployment): the identity
+    recorded with its actions. (The local stack trusts loopback, so no password.)"""
+    dsn = env["MESH_POSTGRES_DSN"]
+    conn = await asyncpg.connect(dsn)
+    try:
+        owner = await conn.fetchval("SELECT session_user")
+        await conn.execute(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{name}') "
+            f'THEN CREATE ROLE "{name}" LOGIN; END IF; END $$; GRANT "{owner}" TO "{name}"'
+        )
+    finally:
+        await conn.close()
+    return {**env, "MESH_POSTGRES_DSN": dsn_with_user(dsn, name)}

@@ -37,13 +37,13 @@ async def test_agent_role_cannot_write_an_operator_action(stack, roles, pg) -> N
     conn = await asyncpg.connect(dsn_as(stack, "mesh_agent_finisher", roles))
     try:
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="mesh_approve"):
-            await record_operator_action(conn, operator="alice", action="approve", reason="",
+            await record_operator_action(conn, operator="ava", action="approve", reason="",
                                          target="x", session_id="s-1")  # fmt: skip
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="mesh_dlq"):
-            await record_operator_action(conn, operator="carol", action="dlq.drop", reason="",
+            await record_operator_action(conn, operator="dan", action="dlq.drop", reason="",
                                          target="x", session_id="s-1")  # fmt: skip
         # an operator envelope under another type column: the check constraint refuses it
-        env = registry.make("mesh.operator", {"operator": "alice", "action": "approve",
+        env = registry.make("mesh.operator", {"operator": "ava", "action": "approve",
                             "reason": "", "target": "x"}, session_id="s-1")  # fmt: skip
         rows = outbox_rows.OutboxRows()
         rows.add(None, env)
@@ -87,11 +87,11 @@ async def test_agent_role_runs_its_unit_of_work(stack, roles, pg) -> None:  # ty
 
 
 async def test_read_only_operator_cannot_write(stack, roles, pg) -> None:  # type: ignore[no-untyped-def]
-    conn = await asyncpg.connect(dsn_as(stack, "bob", roles))
+    conn = await asyncpg.connect(dsn_as(stack, "rita", roles))
     try:
         assert await conn.fetchval("SELECT count(*) FROM mesh_actions") == 0  # may read
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await record_operator_action(conn, operator="bob", action="approve", reason="",
+            await record_operator_action(conn, operator="rita", action="approve", reason="",
                                          target="x", session_id="s-1")  # fmt: skip
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.execute("UPDATE mesh_outbox SET published_at = NULL")

@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 
+import tests.decision_fixture  # noqa: F401  (the plan has a decision stream)
 from agentmesh import devstack
 from agentmesh.access import redis_acl
 from agentmesh.access.secrets import Secrets

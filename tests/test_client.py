@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 import tests.mesh_fixture  # noqa: F401  (registers the event types Mesh validates against)
 from agentmesh import Mesh
 from agentmesh.client import InvalidRequest, NotFound, SessionState
+from tests.access_helpers import operator_env
 from tests.audit_helpers import settings_from
 from tests.conftest import eventually
 
@@ -22,7 +23,7 @@ from tests.conftest import eventually
 async def client(
     audit_env: dict[str, str], redis: Redis, pg: asyncpg.Connection
 ) -> AsyncIterator[Mesh]:
-    async with Mesh(settings_from(audit_env), operator="ann") as mesh:
+    async with Mesh(settings_from(await operator_env(audit_env, "ann"))) as mesh:
         yield mesh
 
 

@@ -91,7 +91,7 @@ def test_refund_desk_demo_settles_every_ticket_pays_none_twice_and_stops(tmp_pat
 def test_demo_keep_then_the_readme_operator_path_then_dev_down(tmp_path: Path) -> None:
     """What the README tells a newcomer to do after `mesh demo --keep`: the commands the demo
     prints, with its real ids, run as printed; then `mesh dev down` leaves nothing."""
-    env = {**_env(tmp_path), "MESH_OPERATOR": "newcomer"}
+    env = _env(tmp_path)
     r = _mesh(env, tmp_path, "demo", "--keep", "--tickets", "60", "--publish-seconds", "2",
               "--outage-seconds", "1")  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
@@ -134,5 +134,5 @@ def _operator_path(env: dict[str, str], tmp_path: Path, demo_out: str) -> None:
     for session, who in ((waiting, "approval.decided"), (dead_session, "dlq.retry")):
         replay = _mesh(env, tmp_path, "replay", session)
         assert replay.returncode == 0 and who in replay.stdout, replay.stdout
-        assert "operator:newcomer" in replay.stdout
+        assert "operator:mesh" in replay.stdout  # the role of the DSN: the identity
     assert paid_twice(read_ledger(tmp_path / ".mesh" / "gateway-ledger.jsonl")) == {}

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import asyncpg
 from redis.asyncio import Redis
 
+from tests.access_helpers import operator_env
 from tests.audit_helpers import drain_outbox, settings_from
 from tests.conftest import AgentProcess, eventually
 from tests.helpers import job, mesh
@@ -36,7 +37,7 @@ async def test_poison_ticket_is_edited_retried_and_audited(
     audit_env: dict[str, str],
     agents: Callable[..., AgentProcess],
 ) -> None:
-    env = {**audit_env, "MESH_OPERATOR": "alice"}
+    env = await operator_env(audit_env, "alice")
     good = job(7, session="s-drain")
     poison = json.loads(good.to_json())
     poison["payload"] = {"n": "seven"}  # fails the Job schema
@@ -99,7 +100,7 @@ async def test_an_envelope_without_event_id_is_fixed_whole_with_envelope(
     base_env: dict[str, str],
     agents: Callable[..., AgentProcess],
 ) -> None:
-    env = {**base_env, "MESH_OPERATOR": "carol"}
+    env = await operator_env(base_env, "carol")
     good = job(8, session="s-noid")
     no_id = json.loads(good.to_json())
     del no_id["event_id"], no_id["idempotency_key"]  # a producer that forgot the id
@@ -145,7 +146,7 @@ async def test_drop_requires_a_reason_and_filters_select(
 ) -> None:
     from tests.test_dlq_cli import _dead_letter
 
-    env = {**base_env, "MESH_OPERATOR": "bob"}
+    env = await operator_env(base_env, "bob")
     ids = await _dead_letter(redis)
     no_reason = mesh(env, "dlq", "drop", ids[0])
     assert no_reason.returncode == 2 and "Traceback" not in no_reason.stderr

@@ -18,7 +18,8 @@ from agentmesh.access.secrets import Secrets
 from agentmesh.cli.common import EXIT_FORBIDDEN
 from agentmesh.outbox.operator import record_operator_action
 from agentmesh.settings import Settings
-from tests.access_helpers import DECISION_TYPE, apply_roles, dsn_as
+from tests.access_helpers import apply_roles, dsn_as
+from tests.decision_fixture import DECISION_TYPE
 from tests.helpers import mesh
 
 
@@ -63,45 +64,45 @@ async def test_each_action_is_recorded_under_the_role_that_took_it(  # type: ign
     stack, roles, pg, redis
 ) -> None:
     await waiting_session(pg, "s-approve")
-    async with Mesh(settings_as(stack, "alice", roles), operator="mallory") as m:
+    async with Mesh(settings_as(stack, "ava", roles), operator="mallory") as m:
         outcome = await m.approve("s-approve", reason="fine")
-    assert outcome.operator == "alice"
+    assert outcome.operator == "ava"
     dlq_id = await dead_letter(redis)
-    async with Mesh(settings_as(stack, "carol", roles), operator="alice") as m:
+    async with Mesh(settings_as(stack, "dan", roles), operator="ava") as m:
         (dropped,) = await m.dlq.drop(await m.dlq.select(dlq_id), reason="junk")
     assert dropped.done
     ops = await operator_rows(pg)
     assert [(o["payload"]["action"], o["payload"]["operator"], o["agent"], o["source"])
             for o in ops] == [
-        ("approve", "alice", "operator:alice", "operator:alice"),
-        ("dlq.drop", "carol", "operator:carol", "operator:carol"),
+        ("approve", "ava", "operator:ava", "operator:ava"),
+        ("dlq.drop", "dan", "operator:dan", "operator:dan"),
     ]  # fmt: skip
     # the decision itself carries the same identity
     (decision,) = await redis.xrange("t:decisions")
-    assert json.loads(decision[1][b"envelope"])["payload"]["operator"] == "alice"
+    assert json.loads(decision[1][b"envelope"])["payload"]["operator"] == "ava"
 
 
 async def test_a_typed_name_is_never_the_identity(stack, roles, pg) -> None:  # type: ignore[no-untyped-def]
     """A client that writes another operator's name into the row is recorded as itself; the
     name it typed is kept only as `claimed_by`."""
-    conn = await asyncpg.connect(dsn_as(stack, "carol", roles))
+    conn = await asyncpg.connect(dsn_as(stack, "dan", roles))
     try:
         stored = await record_operator_action(
-            conn, operator="alice", action="dlq.retry", reason="", target="1-0", session_id="s-1"
+            conn, operator="ava", action="dlq.retry", reason="", target="1-0", session_id="s-1"
         )
     finally:
         await conn.close()
-    assert stored.payload["operator"] == "carol"
-    assert stored.payload["detail"]["claimed_by"] == "alice"
+    assert stored.payload["operator"] == "dan"
+    assert stored.payload["detail"]["claimed_by"] == "ava"
     (row,) = await operator_rows(pg)
-    assert row["payload"]["operator"] == "carol" and row["agent"] == "operator:carol"
+    assert row["payload"]["operator"] == "dan" and row["agent"] == "operator:dan"
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="cannot be changed"):
-        await pg.execute("UPDATE mesh_outbox SET agent = 'operator:alice'")  # even by the owner
+        await pg.execute("UPDATE mesh_outbox SET agent = 'operator:ava'")  # even by the owner
 
 
 async def test_read_only_role_cannot_approve(stack, roles, pg, redis) -> None:  # type: ignore[no-untyped-def]
     await waiting_session(pg, "s-ro")
-    async with Mesh(settings_as(stack, "bob", roles)) as m:
+    async with Mesh(settings_as(stack, "rita", roles)) as m:
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="mesh_approve"):
             await m.approve("s-ro", reason="me too")
         assert [s.session_id for s in await m.sessions(status="waiting")] == ["s-ro"]  # reads
@@ -110,16 +111,16 @@ async def test_read_only_role_cannot_approve(stack, roles, pg, redis) -> None:  
 
 
 async def test_cli_says_which_right_is_missing(stack, roles, base_env, pg, redis) -> None:  # type: ignore[no-untyped-def]
-    env = {**base_env, "MESH_AGENTS_MODULE": "tests.access_helpers"}
-    bob = {**env, "MESH_POSTGRES_DSN": dsn_as(stack, "bob", roles)}
-    alice = {**env, "MESH_POSTGRES_DSN": dsn_as(stack, "alice", roles)}
+    env = {**base_env, "MESH_AGENTS_MODULE": "tests.decision_fixture"}
+    rita = {**env, "MESH_POSTGRES_DSN": dsn_as(stack, "rita", roles)}
+    ava = {**env, "MESH_POSTGRES_DSN": dsn_as(stack, "ava", roles)}
     await waiting_session(pg, "s-cli")
-    r = await asyncio.to_thread(mesh, bob, "approve", "s-cli", "--reason", "x")
+    r = await asyncio.to_thread(mesh, rita, "approve", "s-cli", "--reason", "x")
     assert r.returncode == EXIT_FORBIDDEN, r.stderr
     assert "permission denied" in r.stderr and "mesh_approve" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     dlq_id = await dead_letter(redis)
-    r = await asyncio.to_thread(mesh, alice, "dlq", "drop", dlq_id, "--reason", "x")
+    r = await asyncio.to_thread(mesh, ava, "dlq", "drop", dlq_id, "--reason", "x")
     assert r.returncode == EXIT_FORBIDDEN, (r.stdout, r.stderr)
     assert "mesh_dlq" in r.stderr, r.stderr
     assert await redis.xlen("mesh:dlq") == 1  # still there

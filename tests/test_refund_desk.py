@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from tests.access_helpers import operator_env
 from tests.conftest import AgentProcess, eventually
 from tests.helpers import mesh
 from tests.refund_helpers import Desk, start_desk
@@ -106,8 +107,8 @@ async def test_two_operators_racing_on_one_approval_one_wins_the_other_is_told(
 ) -> None:
     desk.publish("s-race", **ticket(9, amount=90_000))
     await desk.until("s-race", "waiting")
-    env_a = {**desk.env, "MESH_OPERATOR": "ann"}
-    env_b = {**desk.env, "MESH_OPERATOR": "bob"}
+    env_a = await operator_env(desk.env, "ann")
+    env_b = await operator_env(desk.env, "bob")
     approve, reject = await asyncio.gather(
         asyncio.to_thread(mesh, env_a, "approve", "s-race", "--json"),
         asyncio.to_thread(mesh, env_b, "reject", "s-race", "--reason", "looks fake", "--json"),

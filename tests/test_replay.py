@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from agentmesh import devstack
 from agentmesh.outbox.replay import Until, replay_session
+from tests.access_helpers import operator_env
 from tests.audit_helpers import backlog, read_topic, settings_from
 from tests.conftest import AgentProcess, MeshProcess, eventually
 from tests.helpers import mesh, stream_events
@@ -138,7 +139,7 @@ async def test_republish_and_redrive_resend_and_readers_dedup(
 
     # republish one session: Kafka gets a second copy of each of its 5 events, and the
     # operator's request is itself in the session's log
-    alice = {**audit_env, "MESH_OPERATOR": "alice"}
+    alice = await operator_env(audit_env, "alice")  # her PostgreSQL role
     out = await asyncio.to_thread(
         mesh, alice, "outbox", "republish", "--session", "rp-1", "--reason", "topic lost", "--json"
     )
