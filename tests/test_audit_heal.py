@@ -134,7 +134,9 @@ async def test_relay_resends_what_the_broker_lost_by_itself_in_several_partition
     )
     assert sorted(h["detail"]["partition"] for h in heals) == lost
     for h in heals:
-        assert h["operator"].startswith("relay:") and h["detail"]["lost_from"] == 0
+        # who: the relay's PostgreSQL role (the stack's one role here); its name, as it said
+        assert h["operator"] == "mesh" and h["detail"]["claimed_by"].startswith("relay:")
+        assert h["detail"]["lost_from"] == 0
         assert h["detail"]["rows"] == acked[h["detail"]["partition"]]
 
     # every session replays complete, in the outbox's order, through a trustworthy index
