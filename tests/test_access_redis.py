@@ -155,3 +155,28 @@ async def test_cli_prints_hashes_never_passwords(stack, base_env, tmp_path) -> N
         assert await client.ping()
     finally:
         await client.aclose()
+
+
+async def test_dev_up_creates_the_users_and_roles(stack, base_env, redis, pg) -> None:  # type: ignore[no-untyped-def]
+    """`mesh dev up` (on the running stack: idempotent) creates every agent's user and role,
+    and the default user keeps working (the rest of the suite runs on it)."""
+    await redis.execute_command("ACL", "DELUSER", "mesh-agent-caller")  # type: ignore[no-untyped-call]
+    await pg.execute("DROP ROLE IF EXISTS mesh_agent_caller")  # made by the other tests too
+    env = {**base_env, "MESH_DEV_ROOT": str(stack.root)}
+    r = await asyncio.to_thread(mesh, env, "dev", "up", "redis", "postgres")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "least-privilege users" in r.stdout
+    sec = Secrets(stack.root / "secrets")
+    caller = Redis.from_url(redis_url_as(stack, "mesh-agent-caller", sec))
+    try:
+        assert await caller.ping()
+        with pytest.raises(NoPermissionError):
+            await caller.xadd("t:jobs", {"envelope": b"{}"})
+    finally:
+        await caller.aclose()
+    conn = await asyncpg.connect(dsn_as(stack, "mesh_agent_caller", sec))
+    try:
+        assert await conn.fetchval("SELECT session_user") == "mesh_agent_caller"
+    finally:
+        await conn.close()
+    assert await redis.ping()  # the default user

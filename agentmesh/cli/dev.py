@@ -17,12 +17,14 @@ from agentmesh.cli.common import (
     JsonOpt,
     emit_json,
     fail,
+    load_agents,
     out,
     run,
     safe,
     settings,
     spinner,
 )
+from agentmesh.devstack import access as access_step
 from agentmesh.outbox.migrate import migrate
 from agentmesh.settings import Settings
 
@@ -75,14 +77,28 @@ def _print_status(rows: list[devstack.ServiceStatus], as_json: bool) -> None:
 
 @dev_app.command("up")
 def dev_up(services: ServicesArg = None, as_json: JsonOpt = False) -> None:
-    """Start the local stack (idempotent) and apply database migrations."""
+    """Start the local stack (idempotent), apply database migrations, and create the
+    least-privilege Redis users and PostgreSQL roles (the default ones keep working)."""
     s = settings()
     chosen = _services(services)
     with spinner("starting the local stack…", enabled=not as_json):
         rows = devstack.up(stack_config(s), chosen)
         if "postgres" in chosen:
             run(migrate(s.postgres_dsn))
+        access = _apply_access(s) if {"redis", "postgres"} <= set(chosen) else None
     _print_status(rows, as_json)
+    if access is not None and not as_json:
+        out.print(f"least-privilege users: {len(access.redis_users)} Redis, "
+                  f"{len(access.pg_logins)} PostgreSQL (passwords in {safe(access.secrets_dir)}; "
+                  "docs/access-control.md)")  # fmt: skip
+
+
+def _apply_access(s: Settings) -> access_step.AccessApplied:
+    """Per-agent Redis users and PostgreSQL roles for the agents of MESH_AGENTS_MODULE (if set)."""
+    agents = load_agents(None).values() if s.agents_module else []
+    return access_step.apply(stack_config(s).root, redis_url=s.redis_url,
+                             postgres_dsn=s.postgres_dsn, dlq_stream=s.dlq_stream,
+                             agents=agents)  # fmt: skip
 
 
 @dev_app.command("down")
