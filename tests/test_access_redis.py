@@ -180,3 +180,44 @@ async def test_dev_up_creates_the_users_and_roles(stack, base_env, redis, pg) ->
     finally:
         await conn.close()
     assert await redis.ping()  # the default user
+
+
+async def test_an_aclfile_loads_into_a_fresh_redis(tmp_path: Path) -> None:
+    """`--aclfile` output is what redis-server --aclfile accepts (selectors included)."""
+    sec = Secrets(tmp_path / "s")
+    users = redis_acl.users_for(plan())
+    acl_file = tmp_path / "users.acl"
+    lines = [*redis_acl.aclfile_lines(users, sec), "user default on nopass ~* &* +@all"]
+    acl_file.write_text("\n".join(lines) + "\n")
+    port = devstack.free_port()
+    server = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "no", "--aclfile", str(acl_file), "--dir", str(tmp_path),
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    admin = Redis.from_url(url)
+    try:
+
+        async def up() -> bool:
+            try:
+                return bool(await admin.ping())
+            except Exception:
+                return False
+
+        await eventually(up, what="redis-server with the aclfile")
+        names = {u.decode() for u in await admin.execute_command("ACL", "USERS")}  # type: ignore[no-untyped-call]
+        assert {u.name for u in users} <= names
+        worker = Redis.from_url(url, username="mesh-agent-worker",
+                                password=sec.password("redis", "mesh-agent-worker"))  # fmt: skip
+        try:
+            assert await Streams(worker, group="-", consumer="-").publish(
+                [Outgoing("t:done", "e-1", b"{}")]
+            ) != [None]
+            with pytest.raises(NoPermissionError):
+                await worker.xadd("t:final", {"envelope": b"{}"})
+        finally:
+            await worker.aclose()
+    finally:
+        await admin.aclose()
+        server.terminate()
+        await server.wait()
