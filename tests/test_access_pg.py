@@ -43,8 +43,12 @@ async def test_agent_role_cannot_write_an_operator_action(stack, roles, pg) -> N
             await record_operator_action(conn, operator="dan", action="dlq.drop", reason="",
                                          target="x", session_id="s-1")  # fmt: skip
         # an operator envelope under another type column: the check constraint refuses it
-        env = registry.make("mesh.operator", {"operator": "ava", "action": "approve",
-                            "reason": "", "target": "x"}, session_id="s-1")  # fmt: skip
+        env = registry.make(
+            "mesh.operator",
+            {"operator": "ava", "action": "approve", "reason": "", "target": "x"},
+            session_id="s-1",
+            source="finisher",
+        )  # fmt: skip  (its own row, as far as RLS goes)
         rows = outbox_rows.OutboxRows()
         rows.add(None, env)
         params = rows.params()
@@ -124,3 +128,41 @@ async def test_relay_publishes_under_its_role(stack, roles, pg, relays) -> None:
     await eventually(published, timeout=60, what="the row published by mesh_relay_user")
     assert await pg.fetchval("SELECT count(*) FROM mesh_audit_index") == 1
     assert relay.alive() and "permission denied" not in relay.log(), relay.log()
+
+
+async def test_agent_role_sees_and_writes_only_its_own_rows(stack, roles, pg) -> None:  # type: ignore[no-untyped-def]
+    """Row security: another agent's actions are invisible, and neither its rows nor a handoff
+    onto a stream this agent does not emit can be written (an operator's redrive would later
+    have put it onto Redis)."""
+    pool = await asyncpg.create_pool(dsn_as(stack, "mesh_agent_worker", roles), min_size=1,
+                                     max_size=1)  # fmt: skip
+    assert pool is not None
+    try:
+        inp = job(1)
+        done = registry.make("job.done", {"n": 1}, session_id=inp.session_id)
+        work = Work(idempotency_key=inp.idempotency_key, input=inp, stream="t:jobs",
+                    entry_id="1-0", result={}, handoffs=[("t:done", done)])  # fmt: skip
+        res = await UnitOfWork(pool, "worker").commit([work])
+        assert res.committed, res.failed
+        # the same work under another agent's name: refused
+        other = Work(idempotency_key="k-2", input=job(2), stream="t:jobs", entry_id="2-0")
+        res = await UnitOfWork(pool, "finisher").commit([other])
+        assert not res.committed and res.failed
+        assert "row-level security" in str(res.failed[0][1])
+        # a handoff row onto a stream worker does not emit (t:final is finisher's)
+        forged = registry.make("job.final", {"n": 9}, session_id="s-x", source="worker")
+        rows = outbox_rows.OutboxRows()
+        rows.add("t:final", forged)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+            await outbox_rows.insert(pool, rows, skip_existing=False)
+        # another agent's rows are not visible
+        await pg.execute(
+            "INSERT INTO mesh_actions (agent, idempotency_key, session_id, input_event_id, "
+            "input_type, stream, entry_id) VALUES ('finisher', 'k-f', 's-f', gen_random_uuid(), "
+            "'job.done', 't:done', '1-0')"
+        )
+        agents_seen = await pool.fetch("SELECT DISTINCT agent FROM mesh_actions")
+        assert [r["agent"] for r in agents_seen] == ["worker"]
+    finally:
+        await pool.close()
+    assert await pg.fetchval("SELECT count(*) FROM mesh_actions") == 2  # worker's, finisher's

@@ -10,6 +10,9 @@ Group roles (NOLOGIN) carry the grants; login roles are members of them:
 | mesh_approve   | mesh_read + write the audit row of an approve/reject, publish decisions |
 | mesh_dlq       | mesh_read + DLQ and republish/redrive audit rows, re-mark rows (+ relay) |
 
+Row security (migration 0007) limits each agent role further to its own agent's rows, and
+its outbox rows to the streams it emits (`mesh_agent_roles`, written here).
+
 Operator actions are also checked by the database itself: migration 0007 refuses a
 `mesh.operator` row whose role is not in the group the action needs, and records the role
 as the operator. An agent's role is in none of them, so it cannot write an operator action.
@@ -48,6 +51,7 @@ TABLES: dict[str, dict[str, str]] = {
     "mesh_audit_index": {"mesh_relay": "SELECT, INSERT, UPDATE, DELETE"},
     "mesh_relay_config": {"mesh_relay": "SELECT, INSERT, UPDATE, DELETE"},
     "mesh_schema_migrations": {},
+    "mesh_agent_roles": {},  # which agent a role is: read by the row-security policies only
 }
 SEQUENCES: dict[str, tuple[str, ...]] = {
     "mesh_actions_id_seq": ("mesh_agent",),
@@ -131,12 +135,32 @@ def login_sql(users: Iterable[Login], secrets: Secrets | None) -> list[str]:
     return out
 
 
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def agent_rows_sql(plan: AccessPlan) -> list[str]:
+    """Which agent each agent role is, and the streams it emits: what the row-security
+    policies of migration 0007 limit the role to."""
+    out = []
+    for a in plan.agents:
+        streams = "ARRAY[" + ", ".join(_literal(s) for s in a.writes) + "]::text[]"
+        out.append(
+            "INSERT INTO mesh_agent_roles (role, agent, streams) VALUES "
+            f"({_literal(a.pg_role)}, {_literal(a.name)}, {streams}) ON CONFLICT (role) "
+            "DO UPDATE SET agent = EXCLUDED.agent, streams = EXCLUDED.streams;"
+        )
+    return out
+
+
 def script(plan: AccessPlan, operators: Sequence[Login], secrets: Secrets | None) -> str:
     lines = [
-        "-- agentmesh roles (mesh access pg-roles); run as a role that may create roles",
+        "-- agentmesh roles (mesh access pg-roles); run as the tables' owner (or a superuser)",
+        "-- that may create roles, after `mesh db migrate`",
         "BEGIN;",
         *group_sql(),
         *login_sql(logins(plan, operators), secrets),
+        *agent_rows_sql(plan),
         "COMMIT;",
     ]
     return "\n".join(lines) + "\n"

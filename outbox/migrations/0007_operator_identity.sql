@@ -45,6 +45,10 @@ DECLARE
     who     text := session_user;
     claimed text := env #>> '{payload,operator}';
 BEGIN
+    IF env ->> 'type' IS DISTINCT FROM 'mesh.operator' THEN
+        RAISE EXCEPTION 'a mesh.operator row must carry a mesh.operator envelope'
+            USING ERRCODE = 'check_violation';
+    END IF;
     IF grp IS NULL THEN
         RAISE EXCEPTION 'unknown operator action %', coalesce(act, '(none)')
             USING ERRCODE = 'insufficient_privilege';
@@ -71,9 +75,14 @@ CREATE TRIGGER mesh_operator_stamp BEFORE INSERT ON mesh_outbox
 
 -- The type column is what the trigger above keys on; the envelope's own type is what Kafka
 -- readers see. They must agree, or a row typed 'x' could carry a `mesh.operator` envelope past
--- the trigger. (jsonb: a key given twice counts as its last value, as Python's json reads it.)
-ALTER TABLE mesh_outbox ADD CONSTRAINT mesh_outbox_type_is_envelope_type
-    CHECK (type = (envelope::jsonb ->> 'type')) NOT VALID;
+-- the trigger. Parsing every envelope would cost more than the insert itself, so only a row
+-- whose text mentions "operator" or has a \u escape (which could spell it) is parsed. (json:
+-- a key given twice counts as its last value, as Python's json reads it.)
+ALTER TABLE mesh_outbox ADD CONSTRAINT mesh_outbox_type_is_envelope_type CHECK (
+    type = 'mesh.operator'
+    OR (strpos(envelope, 'operator') = 0 AND strpos(envelope, '\u') = 0)
+    OR type = (envelope::json ->> 'type')
+) NOT VALID;
 
 -- A stamped row is never rewritten: the relay marks rows (published_at, kafka_*), nobody edits
 -- what an operator row says or who wrote it.
@@ -86,3 +95,55 @@ END $$;
 
 CREATE TRIGGER mesh_operator_frozen BEFORE UPDATE OF envelope, agent, type ON mesh_outbox
     FOR EACH ROW WHEN (OLD.type = 'mesh.operator') EXECUTE FUNCTION mesh_operator_frozen();
+
+-- Agents' rows are their own. A role in the group mesh_agent sees and writes only the rows of
+-- its agent (`agent` = its name, or `<name>:<job>` for what its periodic jobs publish), and
+-- only outbox rows bound for the streams it emits (or for no stream: the audit log). Which
+-- agent a role is, and its streams, is recorded by `mesh access pg-roles`; an agent role with
+-- no entry here sees and writes nothing. Other roles are not limited by these policies (their
+-- grants are), and the tables' owner bypasses row security altogether.
+CREATE TABLE mesh_agent_roles (
+    role     text   PRIMARY KEY,
+    agent    text   NOT NULL,
+    streams  text[] NOT NULL DEFAULT '{}'
+);
+
+-- The agent of this connection's role: NULL when the role is not an agent's, '' when it is
+-- one with no entry in mesh_agent_roles.
+-- SECURITY DEFINER: every role the policies apply to may ask (session_user is still the
+-- caller's), without a grant on the table.
+CREATE FUNCTION mesh_session_agent() RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT CASE
+        WHEN NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'mesh_agent') THEN NULL
+        WHEN (SELECT rolsuper FROM pg_roles WHERE rolname = session_user) THEN NULL
+        WHEN NOT pg_has_role(session_user, 'mesh_agent', 'MEMBER') THEN NULL
+        ELSE coalesce((SELECT agent FROM mesh_agent_roles WHERE role = session_user), '')
+    END
+$$;
+
+CREATE FUNCTION mesh_session_streams() RETURNS text[]
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT coalesce((SELECT streams FROM mesh_agent_roles WHERE role = session_user), '{}')
+$$;
+
+-- (SELECT f()) is computed once per statement (an initplan), not once per row.
+ALTER TABLE mesh_idempotency ENABLE ROW LEVEL SECURITY;
+CREATE POLICY mesh_agent_own ON mesh_idempotency
+    USING ((SELECT mesh_session_agent()) IS NULL OR agent = (SELECT mesh_session_agent()));
+
+ALTER TABLE mesh_actions ENABLE ROW LEVEL SECURITY;
+CREATE POLICY mesh_agent_own ON mesh_actions
+    USING ((SELECT mesh_session_agent()) IS NULL OR agent = (SELECT mesh_session_agent()));
+
+ALTER TABLE mesh_outbox ENABLE ROW LEVEL SECURITY;
+CREATE POLICY mesh_agent_own ON mesh_outbox
+    USING ((SELECT mesh_session_agent()) IS NULL
+           OR ((SELECT mesh_session_agent()) <> ''
+               AND (agent = (SELECT mesh_session_agent())
+                    OR starts_with(agent, (SELECT mesh_session_agent()) || ':'))))
+    WITH CHECK ((SELECT mesh_session_agent()) IS NULL
+                OR ((SELECT mesh_session_agent()) <> ''
+                    AND (agent = (SELECT mesh_session_agent())
+                         OR starts_with(agent, (SELECT mesh_session_agent()) || ':'))
+                    AND (stream IS NULL OR ARRAY[stream] <@ (SELECT mesh_session_streams()))));
