@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import subprocess
 import sys
@@ -62,11 +61,11 @@ async def test_handoff_across_two_agent_processes(
         ("finisher", done.event_id),
     ]
     # each action also wrote its audit event to the outbox, next to the handoff; `mesh publish`
-    # wrote the first event there too, under the operator's name
+    # wrote the first event there too, under the operator's name (its PostgreSQL role)
     types = await pg.fetch("SELECT agent, type, stream FROM mesh_outbox ORDER BY id")
     assert Counter((r["agent"], r["type"]) for r in types) == Counter(
         {
-            (f"cli:{getpass.getuser()}", "job.created"): 1,
+            ("cli:mesh", "job.created"): 1,  # the PostgreSQL role of `mesh publish`
             ("worker", "mesh.action"): 1,
             ("worker", "job.done"): 1,
             ("finisher", "mesh.action"): 1,
