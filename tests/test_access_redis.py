@@ -221,3 +221,26 @@ async def test_an_aclfile_loads_into_a_fresh_redis(tmp_path: Path) -> None:
         await admin.aclose()
         server.terminate()
         await server.wait()
+
+
+def test_names_that_cannot_be_rules_are_refused_and_globs_escaped() -> None:
+    from agentmesh.access.plan import AgentAccess, plan_for
+    from agentmesh.agents import Agent
+    from agentmesh.schemas.registry import Registry
+
+    spaced = AgentAccess(name="my agent", reads=("in",), writes=())
+    with pytest.raises(ValueError, match="cannot go into a Redis ACL rule"):
+        redis_acl.agent_user(spaced, "mesh:dlq")
+    globby = AgentAccess(name="a", reads=("in*",), writes=("out[1]",))
+    rules = " ".join(redis_acl.agent_user(globby, "mesh:dlq").rules)
+    assert "~in\\*" in rules and "~out\\[1\\]" in rules and "~in*" not in rules
+    reg = Registry()
+    a, b = Agent("a-b", registry=reg), Agent("a_b", registry=reg)
+    try:
+        with pytest.raises(ValueError, match="would share the PostgreSQL role mesh_agent_a_b"):
+            plan_for([a, b], dlq_stream="mesh:dlq", reg=reg)
+    finally:
+        from agentmesh.agents.agent import AGENTS
+
+        for name in ("a-b", "a_b"):  # defined for this test only
+            AGENTS.pop(name, None)

@@ -70,6 +70,12 @@ def plan_for(
             {s for t in a.emits | own_decisions if (s := reg.get(t).stream)} - {dlq_stream}
         )
         out.append(AgentAccess(name=a.name, reads=reads, writes=tuple(writes)))
+    roles: dict[str, str] = {}
+    for acc in out:
+        if acc.pg_role in roles:
+            raise ValueError(f"agents {roles[acc.pg_role]!r} and {acc.name!r} would share the "
+                             f"PostgreSQL role {acc.pg_role}: rename one")  # fmt: skip
+        roles[acc.pg_role] = acc.name
     streams = sorted({t.stream for t in reg.types() if t.stream})
     written = {s for a in out for s in a.writes}
     read = {s for a in out for s in a.reads}

@@ -40,10 +40,13 @@ PUBLISH = "+evalsha +set +xadd"
 READ_ALL = "+@read %R~*"
 
 _GLOB = re.compile(r"([*?\[\]\\])")
+_UNSAFE = re.compile(r"[\s()\"']")
 
 
 def _key(pattern_prefix: str, name: str, suffix: str = "") -> str:
     """A key pattern for `name` taken literally (glob characters escaped)."""
+    if _UNSAFE.search(name):
+        raise ValueError(f"{name!r} cannot go into a Redis ACL rule: no spaces, quotes or ()")
     escaped = _GLOB.sub(r"\\\1", name)
     return f"{pattern_prefix}{escaped}{suffix}"
 
@@ -74,6 +77,7 @@ def _selector(*parts: str) -> str:
 
 def agent_user(a: AgentAccess, dlq_stream: str) -> AclUser:
     group = a.name
+    _key("", a.name)  # the name goes into the user name and key patterns: check it
     rules: list[str] = ["-@all", *CONNECTION.split(), *CONSUMER.split()]
     rules += _streams("~", a.reads, dedup=False)
     if a.writes:

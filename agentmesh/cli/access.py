@@ -53,7 +53,10 @@ def current_plan(module: str | None) -> AccessPlan:
     agents = load_agents(module)
     if not agents:
         fail("the agents module defines no agents", EXIT_INPUT)
-    return plan_for(agents.values(), dlq_stream=settings().dlq_stream)
+    try:
+        return plan_for(agents.values(), dlq_stream=settings().dlq_stream)
+    except ValueError as exc:
+        fail(str(exc), EXIT_INPUT)
 
 
 def secrets_at(path: Path | None) -> Secrets:
@@ -95,7 +98,10 @@ def redis_acl_cmd(
 ) -> None:
     """Redis ACL users: one per agent type, plus mesh-read, mesh-approve, mesh-dlq and
     mesh-publisher for operators. The default user is left as it is."""
-    users = redis_acl.users_for(current_plan(module))
+    try:
+        users = redis_acl.users_for(current_plan(module))
+    except ValueError as exc:  # a name no ACL rule can hold
+        fail(str(exc), EXIT_INPUT)
     sec = secrets_at(secrets_dir)
     if apply:
         names = run(_apply_redis(users, sec))
