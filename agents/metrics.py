@@ -1,8 +1,20 @@
-"""Prometheus metrics of one agent process (served on /metrics)."""
+"""Prometheus metrics of one agent process (served on /metrics).
+
+Two kinds of series. Counters and histograms are this replica's own: `sum()` them over
+replicas. The group gauges (`mesh_group_lag`, `mesh_group_pending`, `mesh_dlq_depth`) are
+one value of the whole consumer group (or DLQ stream) that every replica samples from
+Redis, so N replicas export N copies of one number: aggregate them with
+`max by (agent, stream) (...)`, never `sum()` (docs/deploy.md, "Metrics").
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from agentmesh.process.build_info import register_process_metrics
+
+#: Group-scope gauges: one value per group, repeated by every replica; aggregate with max().
+GROUP_GAUGES = ("mesh_group_pending", "mesh_group_lag", "mesh_dlq_depth")
 
 
 class Metrics:
@@ -64,13 +76,23 @@ class Metrics:
         )
         self.pending = Gauge(
             "mesh_group_pending",
-            "Delivered, not yet acked entries of the group",
+            "Delivered, not yet acked entries of the group (group-wide, the same in every "
+            "replica: aggregate with max by (agent, stream))",
             ["agent", "stream"],
             registry=r,
         )
         self.lag = Gauge(
             "mesh_group_lag",
-            "Entries not yet delivered to the group",
+            "Entries not yet delivered to the group (group-wide, the same in every replica: "
+            "aggregate with max by (agent, stream))",
             ["agent", "stream"],
             registry=r,
         )
+        self.dlq_depth = Gauge(
+            "mesh_dlq_depth",
+            "Entries in the DLQ stream (mesh-wide, the same in every replica: aggregate with "
+            "max by (stream))",
+            ["stream"],
+            registry=r,
+        )
+        register_process_metrics(r, "agent")
