@@ -43,6 +43,7 @@ from agentmesh.agents.consumer_deps import ConsumerDeps
 from agentmesh.agents.context import Context
 from agentmesh.agents.failures import Failures, HandlerTimeout, NoHandler, TooManyDeliveries
 from agentmesh.agents.isolation import process_gate, reclaim, run_alone
+from agentmesh.agents.session_metrics import observe_session_ends
 from agentmesh.bus.deadletter import DeadLetter
 from agentmesh.bus.entry import Outgoing, StreamEntry
 from agentmesh.bus.streams import Streams
@@ -386,6 +387,7 @@ class ConsumerLoop:
             await self.streams.ack([d.entry for d in group if d.key in ok])
             for etype, n in Counter(w.input.type for w in result.committed).items():
                 m.processed.labels(name, etype).inc(n)
+            await observe_session_ends(self.deps.pool, m, name, result.committed)
             if result.duplicates:
                 m.duplicates.labels(name).inc(len(result.duplicates))
             by_key = {d.key: d.entry for d in group}

@@ -55,6 +55,13 @@ class Metrics:
             registry=r,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300),
         )
+        self.session_seconds = Histogram(
+            "mesh_session_seconds",
+            "End-to-end time of a session, from its first event to the handler that ended it",
+            ["agent", "outcome"],
+            registry=r,
+            buckets=(0.1, 0.5, 1, 2, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+        )
         self.batch_size = Histogram(
             "mesh_batch_size",
             "Entries per processed batch",
