@@ -250,3 +250,26 @@ def test_manifests_hold_no_literal_secret(target: str) -> None:
             for c in doc["spec"]["template"]["spec"]["containers"]:
                 for e in c.get("env", []):
                     assert not PASSWORDISH.search(e["name"]) or "valueFrom" in e, e
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl absent: nothing to compare")
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_the_fallback_renderer_gives_what_kustomize_gives(target: str) -> None:
+    """Where kubectl is missing, tests/kustomize_lite.py renders instead: it must agree."""
+    from tests.deploy_files import K8S
+    from tests.kustomize_lite import build
+
+    def normal(docs: Any) -> dict[str, str]:
+        out = {}
+        for d in docs:
+            text = re.sub(
+                r"mesh-config-[a-z0-9]{10}", "mesh-config-H", json.dumps(d, sort_keys=True)
+            )
+            name = re.sub(r"-[a-z0-9]{10}$", "", d["metadata"]["name"])
+            out[f"{d['kind']}/{name}"] = text
+        return out
+
+    mine, theirs = normal(build(K8S / target)), normal(render(target))
+    assert sorted(mine) == sorted(theirs)
+    for key in mine:
+        assert mine[key] == theirs[key], key
