@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import pytest
 from redis.asyncio import Redis
 
 from agentmesh import devstack
+from agentmesh.outbox.sessions import sessions
 from tests.conftest import eventually
 from tests.deploy_files import ROOT, compose, mesh_services
 
@@ -141,6 +143,15 @@ def site(stack: devstack.StackConfig, tmp_path: Path) -> Iterator[Site]:
     yield Site(stack, db, tmp_path)
 
 
+def _ready(c: Container) -> bool:
+    try:
+        url = f"http://127.0.0.1:{c.env['MESH_HTTP_PORT']}/readyz"
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
 def _seconds(duration: str) -> float:
     m = re.fullmatch(r"(\d+)s", duration)
     assert m, duration
@@ -184,26 +195,15 @@ async def test_the_compose_services_run_as_local_processes(
             started.append(Container(name, [MESH, *svc["command"]], env, log))
         procs = {c.name: c for c in started}
 
-        async def all_healthy() -> bool:
+        mesh_procs = [c for c in procs.values() if c.name != "gateway"]
+
+        async def ready(which: list[Container]) -> bool:  # plain HTTP: cheap under load
             for c in procs.values():
                 assert c.proc.poll() is None, f"{c.name} exited: {c.log.read_text()[-3000:]}"
-            checks = [asyncio.to_thread(c.health) for c in procs.values() if c.name != "gateway"]
-            return all(r.returncode == 0 for r in await asyncio.gather(*checks))
+            return all(await asyncio.gather(*(asyncio.to_thread(_ready, c) for c in which)))
 
-        await eventually(all_healthy, timeout=90, interval=0.5, what="health checks")
-
-        async def all_ready() -> list[str] | None:
-            checks = [
-                (c.name, asyncio.to_thread(c.health, "--ready"))
-                for c in procs.values()
-                if c.name != "gateway"
-            ]
-            results = [(n, await r) for n, r in checks]
-            bad = [f"{n}: {r.stderr.strip()}" for n, r in results if r.returncode != 0]
-            return None if bad else ["ready"]
-
-        await eventually(all_ready, timeout=90, interval=0.5, what="readiness")
-
+        agents_only = [c for c in mesh_procs if c.name != "relay"]
+        await eventually(lambda: ready(agents_only), timeout=90, interval=0.5, what="agents")
         # a ticket goes through the whole desk, paid by the gateway, recorded in Kafka
         operator_env = procs["intake"].env
         ticket = {"ticket_id": "T-DEP", "customer": "a@example.com", "order_id": "O-1",
@@ -215,31 +215,49 @@ async def test_the_compose_services_run_as_local_processes(
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
 
-        def session_status() -> str | None:
-            out = subprocess.run(
-                [MESH, "sessions", "--json"], env=operator_env, cwd=ROOT,
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
-            rows = {s["session_id"]: s for s in json.loads(out.stdout or "[]")}
-            row = rows.get("dep-1")
-            return f"{row['status']}:{row['outcome']}" if row else None
-
         async def refunded() -> bool:
-            return await asyncio.to_thread(session_status) == "ended:refunded"
+            conn = await asyncpg.connect(dsn)
+            try:
+                rows = await sessions(conn, session_id="dep-1")
+            finally:
+                await conn.close()
+            return bool(rows) and (rows[0]["status"], rows[0]["outcome"]) == ("ended", "refunded")
 
+        dsn = operator_env["MESH_POSTGRES_DSN"]
         await eventually(refunded, timeout=90, interval=0.5, what="ticket refunded")
+        await eventually(lambda: ready(mesh_procs), timeout=90, interval=0.5, what="relay")
+        # then the image's HEALTHCHECK command itself, and the readiness probe's path
+        for c, health, readiness in zip(
+            mesh_procs,
+            await asyncio.gather(*(asyncio.to_thread(c.health) for c in mesh_procs)),
+            await asyncio.gather(*(asyncio.to_thread(c.health, "--ready") for c in mesh_procs)),
+            strict=True,
+        ):
+            assert health.returncode == 0, (c.name, health.stderr)
+            assert readiness.returncode == 0, (c.name, readiness.stderr)
+
         ledger = Path(site.swap("/var/lib/gateway/ledger.jsonl"))
         assert "T-DEP" in await asyncio.to_thread(ledger.read_text)  # the volume path
 
-        async def in_kafka() -> bool:
-            out = await asyncio.to_thread(
-                subprocess.run,
-                [MESH, "replay", "dep-1", "--json"],
-                env=operator_env, cwd=ROOT, capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
-            return out.returncode == 0 and "ticket.closed" in out.stdout
+        async def all_published() -> bool:
+            conn = await asyncpg.connect(dsn)
+            try:
+                n = await conn.fetchval(
+                    "SELECT count(*) FROM mesh_outbox WHERE session_id = 'dep-1' "
+                    "AND published_at IS NULL"
+                )
+            finally:
+                await conn.close()
+            return n == 0
 
-        await eventually(in_kafka, timeout=90, interval=1, what="session in the audit log")
+        await eventually(all_published, timeout=90, interval=0.5, what="session relayed")
+        replay = await asyncio.to_thread(
+            subprocess.run,
+            [MESH, "replay", "dep-1", "--json"],
+            env=operator_env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert replay.returncode == 0, replay.stdout + replay.stderr
+        assert "ticket.closed" in replay.stdout  # the session, read back from Kafka
 
         # `docker stop`: SIGTERM, the process ends within stop_grace_period; then the
         # health check fails, as Docker would see it
