@@ -152,6 +152,12 @@ def _ready(c: Container) -> bool:
         return False
 
 
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body: bytes = resp.read()
+        return body.decode()
+
+
 def _seconds(duration: str) -> float:
     m = re.fullmatch(r"(\d+)s", duration)
     assert m, duration
@@ -235,6 +241,12 @@ async def test_the_compose_services_run_as_local_processes(
         ):
             assert health.returncode == 0, (c.name, health.stderr)
             assert readiness.returncode == 0, (c.name, readiness.stderr)
+
+        # the session's end-to-end time, observed once by the agent that ended it
+        port = procs["notifier"].env["MESH_HTTP_PORT"]
+        body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+        assert 'mesh_session_seconds_count{agent="notifier",outcome="refunded"} 1.0' in body
+        assert 'mesh_build_info{component="agent"' in body
 
         ledger = Path(site.swap("/var/lib/gateway/ledger.jsonl"))
         assert "T-DEP" in await asyncio.to_thread(ledger.read_text)  # the volume path
