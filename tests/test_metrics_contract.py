@@ -153,3 +153,22 @@ async def test_dashboard_and_alerts_name_only_exported_series(
     for alert in ("MeshDLQGrowing", "MeshBreakerOpenLong", "MeshRelayBacklogOld",
                   "MeshPendingStuck"):  # fmt: skip
         assert f"alert {alert}" in alerts, alert
+
+
+def test_grafana_alert_rules_are_the_prometheus_rules() -> None:
+    """Grafana's provisioned rules (compose) and alerts.yml (Kubernetes) say the same."""
+    path = ROOT / "deploy" / "grafana" / "provisioning" / "alerting" / "agentmesh-alerts.yml"
+    grafana = yaml.safe_load(path.read_text())
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    prom = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    graf = {r["title"]: r for g in grafana["groups"] for r in g["rules"]}
+    assert set(graf) == set(prom)
+    for name, r in prom.items():
+        g = graf[name]
+        (query,) = [d["model"]["expr"] for d in g["data"] if d["refId"] == "A"]
+        assert query == f"({' '.join(str(r['expr']).split())}) * 0 + 1", name
+        assert (g["for"], g["labels"], g["annotations"]) == (
+            r["for"],
+            r["labels"],
+            r["annotations"],
+        ), name
