@@ -387,12 +387,12 @@ class ConsumerLoop:
             await self.streams.ack([d.entry for d in group if d.key in ok])
             for etype, n in Counter(w.input.type for w in result.committed).items():
                 m.processed.labels(name, etype).inc(n)
-            await observe_session_ends(self.deps.pool, m, name, result.committed)
             if result.duplicates:
                 m.duplicates.labels(name).inc(len(result.duplicates))
             by_key = {d.key: d.entry for d in group}
             failures += [(by_key[w.idempotency_key], exc) for w, exc in result.failed]
             await self.failures.failed(failures)
+            await observe_session_ends(self.deps.pool, m, name, result.committed)
         finally:
             for d in group:
                 self.inflight.pop((d.entry.stream, d.entry.id), None)
