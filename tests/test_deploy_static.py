@@ -273,3 +273,25 @@ def test_the_fallback_renderer_gives_what_kustomize_gives(target: str) -> None:
     assert sorted(mine) == sorted(theirs)
     for key in mine:
         assert mine[key] == theirs[key], key
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_keda_watches_the_redis_the_agents_use(target: str) -> None:
+    """Address, TLS and database of KEDA's triggers agree with MESH_REDIS_URL: a scaler on
+    another Redis (or database) would see empty streams and scale the mesh to zero."""
+    from urllib.parse import urlsplit
+
+    docs = render(target)
+    config = by_kind(docs, "ConfigMap")
+    (mesh,) = [d["data"] for n, d in config.items() if n.startswith("mesh-config")]
+    keda = config["mesh-keda"]["data"]
+    url = urlsplit(mesh["MESH_REDIS_URL"])
+    assert keda["redis-address"] == f"{url.hostname}:{url.port or 6379}"
+    assert keda["redis-tls"] == ("enable" if url.scheme == "rediss" else "disable")
+    db = url.path.strip("/") or "0"
+    refs = by_kind(docs, "TriggerAuthentication")["mesh-redis"]["spec"]["configMapTargetRef"]
+    assert {r["parameter"] for r in refs} >= {"address", "tls"}
+    for so in by_kind(docs, "ScaledObject").values():
+        for t in so["spec"]["triggers"]:
+            if t["type"] == "redis-streams":
+                assert t["metadata"]["databaseIndex"] == db, so["metadata"]["name"]
