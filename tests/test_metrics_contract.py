@@ -172,3 +172,35 @@ def test_grafana_alert_rules_are_the_prometheus_rules() -> None:
             r["labels"],
             r["annotations"],
         ), name
+
+
+async def test_group_gauges_and_dlq_depth_are_the_same_in_every_replica(
+    agents: Callable[..., AgentProcess], redis: Any
+) -> None:
+    """Two replicas of one agent type export the same group lag/pending and DLQ depth (so
+    max() over replicas is the group's value, and sum() would double it); a forged entry
+    dead-lettered shows in mesh_dlq_depth."""
+    ports = [devstack.free_port(), devstack.free_port()]
+    for port in ports:
+        agents("worker", MESH_HTTP_PORT=str(port))
+    for _ in range(3):
+        await redis.xadd("t:jobs", {"envelope": b"not json"})
+
+    def value(body: str, series: str) -> float | None:
+        m = re.search(rf"^{re.escape(series)} (\S+)$", body, flags=re.M)
+        return float(m.group(1)) if m else None
+
+    wanted = {
+        'mesh_dlq_depth{stream="mesh:dlq"}': 3.0,
+        'mesh_group_lag{agent="worker",stream="t:jobs"}': 0.0,
+        'mesh_group_pending{agent="worker",stream="t:jobs"}': 0.0,
+    }
+
+    async def both_report() -> bool:
+        try:
+            bodies = [_get(f"http://127.0.0.1:{p}/metrics") for p in ports]
+        except OSError:
+            return False
+        return all(value(b, s) == v for b in bodies for s, v in wanted.items())
+
+    await eventually(both_report, timeout=60, interval=0.5, what="both replicas' gauges")
