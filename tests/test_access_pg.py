@@ -163,6 +163,22 @@ async def test_agent_role_sees_and_writes_only_its_own_rows(stack, roles, pg) ->
         )
         agents_seen = await pool.fetch("SELECT DISTINCT agent FROM mesh_actions")
         assert [r["agent"] for r in agents_seen] == ["worker"]
+        # the outbox rows of a session it acted in (the publisher's first row included), not
+        # of another session
+        started = registry.make("job.created", {"n": 1}, session_id=inp.session_id)
+        other_session = registry.make("job.created", {"n": 5}, session_id="s-other")
+        for e in (started, other_session):
+            first = outbox_rows.OutboxRows()
+            first.add("t:jobs", e)
+            await outbox_rows.insert(pg, first, skip_existing=False)
+        visible = {r["session_id"] for r in await pool.fetch("SELECT session_id FROM mesh_outbox")}
+        assert visible == {inp.session_id}
+        assert (
+            await pool.fetchval(
+                "SELECT count(*) FROM mesh_outbox WHERE event_id = $1::uuid", started.event_id
+            )
+            == 1
+        )
     finally:
         await pool.close()
     assert await pg.fetchval("SELECT count(*) FROM mesh_actions") == 2  # worker's, finisher's

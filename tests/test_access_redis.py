@@ -5,6 +5,7 @@ nothing it does not declare; operator users can do their kind of work only."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from agentmesh.bus import Outgoing, Streams
 from agentmesh.bus import dlq as dlq_steps
 from agentmesh.schemas import registry
 from tests.access_helpers import apply_roles, dsn_as, plan, redis_url_as
+from tests.audit_helpers import metric
 from tests.conftest import AgentProcess, eventually
 from tests.helpers import dlq, mesh, stream_events
 
@@ -83,7 +85,17 @@ async def test_agent_runs_end_to_end_under_its_own_credentials(  # type: ignore[
 
     await eventually(all_acked, what="both entries acked")
     assert proc.alive()
-    assert "NOPERM" not in proc.log() and "permission denied" not in proc.log(), proc.log()
+    pass_done = "a housekeeping pass under the ACL user (it reads the DLQ depth)"
+    await eventually(lambda: _metrics_show_dlq_depth(proc), what=pass_done)
+    log = proc.log().lower()
+    for refused in ("noperm", "no permissions", "permission denied", "loop error"):
+        assert refused not in log, proc.log()
+
+
+async def _metrics_show_dlq_depth(proc: AgentProcess) -> bool:
+    """The agent's /metrics carries mesh_dlq_depth 1 (read with its own ACL user)."""
+    port = re.search(r"http_port=(\d+)", proc.log())
+    return bool(port) and await metric(int(port.group(1)), "mesh_dlq_depth") == 1
 
 
 async def test_agent_cannot_write_a_stream_it_does_not_emit(as_user, redis) -> None:  # type: ignore[no-untyped-def]

@@ -82,7 +82,7 @@ def agent_user(a: AgentAccess, dlq_stream: str) -> AclUser:
     rules += _streams("~", a.reads, dedup=False)
     if a.writes:
         rules.append(_selector(PUBLISH, *_streams("~", a.writes, dedup=True)))
-    rules.append(_selector("+xadd", _key("~", dlq_stream)))
+    rules.append(_selector("+xadd +xlen", _key("~", dlq_stream)))  # xlen: mesh_dlq_depth
     failures = [_key("~", f"mesh:failures:{s}:{group}:", "*") for s in a.reads]
     rules.append(_selector("+hsetnx +hset +hincrby +expire +hgetall +del", *failures))
     rules.append(_selector("+set", _key("~", f"mesh:breakers:{a.name}-", "*")))

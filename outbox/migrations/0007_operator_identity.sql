@@ -97,8 +97,9 @@ CREATE TRIGGER mesh_operator_frozen BEFORE UPDATE OF envelope, agent, type ON me
     FOR EACH ROW WHEN (OLD.type = 'mesh.operator') EXECUTE FUNCTION mesh_operator_frozen();
 
 -- Agents' rows are their own. A role in the group mesh_agent sees and writes only the rows of
--- its agent (`agent` = its name, or `<name>:<job>` for what its periodic jobs publish), and
--- only outbox rows bound for the streams it emits (or for no stream: the audit log). Which
+-- its agent (`agent` = its name, or `<name>:<job>` for what its periodic jobs publish), reads
+-- besides the outbox rows of sessions it acted in, and writes only outbox rows bound for the
+-- streams it emits (or for no stream: the audit log). Which
 -- agent a role is, and its streams, is recorded by `mesh access pg-roles`; an agent role with
 -- no entry here sees and writes nothing. Other roles are not limited by these policies (their
 -- grants are), and the tables' owner bypasses row security altogether.
@@ -127,6 +128,14 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
     SELECT coalesce((SELECT streams FROM mesh_agent_roles WHERE role = session_user), '{}')
 $$;
 
+-- Did this connection's agent act in the session? (SECURITY DEFINER: the policy below is
+-- planned for every role, and the relay has no grant on mesh_actions.)
+CREATE FUNCTION mesh_session_agent_acted_in(session text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT EXISTS (SELECT 1 FROM mesh_actions
+                   WHERE session_id = session AND agent = mesh_session_agent())
+$$;
+
 -- (SELECT f()) is computed once per statement (an initplan), not once per row.
 ALTER TABLE mesh_idempotency ENABLE ROW LEVEL SECURITY;
 CREATE POLICY mesh_agent_own ON mesh_idempotency
@@ -141,7 +150,9 @@ CREATE POLICY mesh_agent_own ON mesh_outbox
     USING ((SELECT mesh_session_agent()) IS NULL
            OR ((SELECT mesh_session_agent()) <> ''
                AND (agent = (SELECT mesh_session_agent())
-                    OR starts_with(agent, (SELECT mesh_session_agent()) || ':'))))
+                    OR starts_with(agent, (SELECT mesh_session_agent()) || ':')
+                    -- the rows of a session it acted in (when the session began: metrics)
+                    OR mesh_session_agent_acted_in(session_id))))
     WITH CHECK ((SELECT mesh_session_agent()) IS NULL
                 OR ((SELECT mesh_session_agent()) <> ''
                     AND (agent = (SELECT mesh_session_agent())
