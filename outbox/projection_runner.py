@@ -154,7 +154,11 @@ class ProjectionRunner:
             n += len(records)
             await self._apply(tp.partition, records)
         if n and self.p.after_commit is not None:
-            await self.p.after_commit(self._pool, self.p.table_of(self.generation))
+            try:
+                await self.p.after_commit(self._pool, self.p.table_of(self.generation))
+            except Exception as exc:  # its work (a snapshot) waits for the next batch
+                log.warning("projection after-commit step failed", projection=self.p.name,
+                            error=f"{type(exc).__name__}: {exc}")  # fmt: skip
         return n
 
     async def _apply(self, partition: int, records: Sequence[object]) -> None:

@@ -26,6 +26,7 @@ rows the outbox marked published to this topic. See `find_missing`.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import heapq
@@ -274,6 +275,9 @@ async def replay_session(
             rep.spans = await _whole(consumer, s.audit_topic, parts)
             events = await _read_events(consumer, rep, progress)
     finally:
+        # a consumer stopped before its background task ever ran (nothing after a snapshot's
+        # cursor to read) raises CancelledError from stop(): let that task start first
+        await asyncio.sleep(0)
         await consumer.stop()
     events = causal_order(events)
     rows = None if found is None else found.rows
