@@ -82,7 +82,7 @@ def decode(rec: Any, partition: int) -> ReplayedEvent | str:
     """A record as the event a fold gets, or why it is not one."""
     try:
         env = Envelope.model_validate_json(rec.value)
-    except (ValidationError, ValueError, TypeError) as exc:
+    except (ValidationError, ValueError, TypeError, RecursionError) as exc:
         return f"not an envelope: {str(exc).splitlines()[0][:200]}"
     seq = None
     for k, v in rec.headers or ():

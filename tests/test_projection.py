@@ -130,6 +130,14 @@ async def test_killed_runner_and_duplicates_leave_the_fold_of_the_deduplicated_l
         == expected  # fmt: skip
     out = await asyncio.to_thread(mesh, env, "projection", "status")
     assert out.returncode == 0 and "t_counts" in out.stdout and "lag 0" in out.stdout
+    for args, code, says in (
+        (["run", "nosuch", "--module", MODULE], 2, "no projection 'nosuch' is declared"),
+        (["query", "t_counts", "nosuch", "--module", MODULE], 2, "has no query 'nosuch'"),
+        (["status", "nosuch"], 1, "projection 'nosuch' has never run here"),
+    ):
+        out = await asyncio.to_thread(mesh, env, "projection", *args)
+        assert out.returncode == code and says in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
 
     # a rebuild folds the whole log into a fresh table and swaps it in: the same rows
     out = await asyncio.to_thread(mesh, env, "projection", "rebuild", "t_counts",
