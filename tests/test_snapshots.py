@@ -87,3 +87,29 @@ async def _snapshot(pg: asyncpg.Connection) -> asyncpg.Record | None:
         "SELECT events FROM mesh_session_snapshots WHERE session_id = 'long' AND events >= 5000"
     )
     return row
+
+
+def test_a_cursor_keeps_only_the_spans_after_it() -> None:
+    from agentmesh.outbox.replay import Cursor, _past
+
+    spans = [(1, 0, 40), (1, 900, 950), (1, 2000, -1), (2, 0, 10)]
+    assert _past(spans, Cursor(1, 40, 7)) == [(1, 900, 950), (1, 2000, -1)]
+    assert _past(spans, Cursor(1, 920, 7)) == [(1, 921, 950), (1, 2000, -1)]
+    assert _past(spans, Cursor(1, 5000, 7)) == [(1, 5001, -1)]  # to the end: the tail
+
+
+def test_a_projection_names_its_table_and_queries_safely() -> None:
+    from agentmesh import Projection
+
+    for bad in ("Refunds", "x; DROP TABLE y", "", "1st"):
+        with pytest.raises(ValueError, match="lower-case"):
+            Projection(bad, table="CREATE TABLE {table} (x int)", register=False)
+    with pytest.raises(ValueError, match="must name its table"):
+        Projection("p", table="CREATE TABLE p (x int)", register=False)
+    queries = {"all": "SELECT * FROM {table}", "n": "SELECT count(*) FROM {table}"}
+    p = Projection("p", table="CREATE TABLE {table} (x int)", queries=queries, register=False)
+    assert p.table_of(3) == "p_g3"
+    assert p.query_sql(None) == ("all", "SELECT * FROM p")  # the live view
+    assert p.query_sql("n") == ("n", "SELECT count(*) FROM p")
+    with pytest.raises(KeyError):
+        p.query_sql("other")
