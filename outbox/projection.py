@@ -24,7 +24,7 @@ to a fresh generation in one transaction. The fold must only change its own tabl
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,9 @@ class ProjectionTx:
 
 
 Fold = Callable[[ReplayedEvent, ProjectionTx], Awaitable[None]]
-AfterCommit = Callable[[asyncpg.Pool, str], Awaitable[None]]
+AfterCommit = Callable[[asyncpg.Pool, str, Sequence[int]], Awaitable[None]]
+"""Called after batches committed: (pool, the table written, the partitions this runner
+folds); for work that must not be inside the batch's transaction (session snapshots)."""
 
 PROJECTIONS: dict[str, Projection] = {}
 """Every projection declared in this process, by name (what `mesh projection run` looks up)."""
@@ -55,7 +57,8 @@ PROJECTIONS: dict[str, Projection] = {}
 class Projection:
     """A read model: `table` is the DDL (one or more statements, `{table}` for the table's
     name), `types` the event types it folds (None: all), `queries` named SELECTs that
-    `mesh projection query NAME [QUERY]` runs against the live view."""
+    `mesh projection query NAME [QUERY]` runs against the live view, `after_commit` work to do
+    after batches committed (outside the exactly-once rule: it may run again after a crash)."""
 
     def __init__(
         self,

@@ -155,7 +155,8 @@ class ProjectionRunner:
             await self._apply(tp.partition, records)
         if n and self.p.after_commit is not None:
             try:
-                await self.p.after_commit(self._pool, self.p.table_of(self.generation))
+                await self.p.after_commit(self._pool, self.p.table_of(self.generation),
+                                          sorted(self.owned))  # fmt: skip
             except Exception as exc:  # its work (a snapshot) waits for the next batch
                 log.warning("projection after-commit step failed", projection=self.p.name,
                             error=f"{type(exc).__name__}: {exc}")  # fmt: skip
@@ -343,7 +344,12 @@ async def catch_up(s: Settings, p: Projection, *, progress: Progress | None = No
             gen = await ensure(conn, p, s.audit_topic)
         res = await fold_to_end(s, p, pool, gen, live=True, progress=progress)
         if p.after_commit is not None and res.records:
-            await p.after_commit(pool, p.table_of(gen))
+            async with pool.acquire() as conn:
+                parts = await conn.fetch(
+                    "SELECT kafka_partition FROM mesh_projection_offsets "
+                    "WHERE name = $1 AND generation = $2", p.name, gen,
+                )  # fmt: skip
+            await p.after_commit(pool, p.table_of(gen), [r[0] for r in parts])
         return res
     finally:
         await pool.close()

@@ -19,7 +19,7 @@ late commit is pending. A state that does not survive a JSON round trip is not s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -43,6 +43,7 @@ SESSIONS = "mesh_sessions"
 
 _DDL = """CREATE TABLE {table} (
     session_id       text        PRIMARY KEY,
+    kafka_partition  integer     NOT NULL,
     events           bigint      NOT NULL,
     snapshot_events  bigint      NOT NULL DEFAULT 0,
     last_type        text,
@@ -205,18 +206,22 @@ def session_snapshots(
     @p.fold
     async def count(event: ReplayedEvent, tx: ProjectionTx) -> None:
         await tx.conn.execute(
-            f"""INSERT INTO {tx.table} (session_id, events, last_type) VALUES ($1, 1, $2)
-                ON CONFLICT (session_id) DO UPDATE SET events = {tx.table}.events + 1,
-                last_type = excluded.last_type, updated_at = now()""",
+            f"""INSERT INTO {tx.table} (session_id, kafka_partition, events, last_type)
+                VALUES ($1, $2, 1, $3) ON CONFLICT (session_id) DO UPDATE
+                SET events = {tx.table}.events + 1, kafka_partition = excluded.kafka_partition,
+                    last_type = excluded.last_type, updated_at = now()""",
             event.envelope.session_id,
+            event.partition,
             event.envelope.type,
         )
 
-    async def snapshot_due(pool: asyncpg.Pool, table: str) -> None:
+    async def snapshot_due(pool: asyncpg.Pool, table: str, partitions: Sequence[int]) -> None:
+        """Snapshot the sessions of these partitions (this runner's) that are due."""
         due = await pool.fetch(
             f"""SELECT session_id, events FROM {table} WHERE events - snapshot_events >= $1
-                ORDER BY events DESC LIMIT 20""",
+                AND kafka_partition = ANY($2::int[]) ORDER BY events DESC LIMIT 20""",
             s.snapshot_every,
+            list(partitions),
         )
         for r in due:
             await take_snapshot(s, pool, r["session_id"], folds, registry)
