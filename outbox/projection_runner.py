@@ -197,8 +197,17 @@ class ProjectionRunner:
         self.owned.clear()
 
     async def rebalance(self) -> None:
-        """Take free partitions up to a fair share, give back any above it."""
-        assert self._consumer is not None
+        """Take free partitions up to a fair share, give back any above it; follow a rebuild
+        (a partition with no new records would not notice it at its next batch)."""
+        assert self._consumer is not None and self._pool is not None
+        live = await self._pool.fetchval(
+            "SELECT generation FROM mesh_projections WHERE name = $1", self.p.name
+        )
+        if live is not None and live != self.generation:
+            log.info("projection rebuilt: moving to the new generation",
+                     projection=self.p.name, generation=live)  # fmt: skip
+            self.generation = int(live)
+            await self._seek(sorted(self.owned))
         if self._locks is None or self._locks.is_closed():
             self.owned.clear()
             conn = await asyncpg.connect(self.s.postgres_dsn)

@@ -16,11 +16,13 @@ import asyncpg
 import pytest
 
 from agentmesh.outbox import kafka
+from agentmesh.outbox.projection_apply import prepare_rebuild, swap
+from agentmesh.outbox.projection_runner import fold_to_end
 from agentmesh.settings import Settings
 from tests.audit_helpers import backlog, event, insert, read_topic, settings_from
 from tests.conftest import MeshProcess, eventually
 from tests.helpers import mesh
-from tests.projection_fixture import reset
+from tests.projection_fixture import counts, reset
 
 StartRelay = Callable[..., MeshProcess]
 MODULE = "tests.projection_fixture"
@@ -156,6 +158,22 @@ async def test_killed_runner_and_duplicates_leave_the_fold_of_the_deduplicated_l
     expected["p-new"] = (1, 4)
     await eventually(lambda: _equals(pg, expected), timeout=60, what="new events folded")
     assert status(env)["generation"] == 2
+
+    # a rebuild that an event overtakes: generation 3 is folded to the end, then an event
+    # arrives and the live runners fold it into generation 2, then the swap. Nothing else
+    # arrives, yet the runners follow the swap and fold that event into generation 3 too.
+    pool = await asyncpg.create_pool(s.postgres_dsn, min_size=1, max_size=2)
+    try:
+        old, new = await prepare_rebuild(pg, counts, s.audit_topic)
+        await fold_to_end(s, counts, pool, new, live=False)
+        await insert(pg, [event("p-late", 5)])
+        expected["p-late"] = (1, 5)
+        await eventually(lambda: _equals(pg, expected), timeout=60, what="folded into gen 2")
+        await swap(pg, counts, old, new)
+        assert "p-late" not in await read_model(pg)  # the new table, before the runners move
+        await eventually(lambda: _equals(pg, expected), timeout=60, what="folded into gen 3")
+    finally:
+        await pool.close()
 
 
 async def _drained(pg: asyncpg.Connection) -> bool:
