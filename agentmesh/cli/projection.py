@@ -3,8 +3,6 @@ rendered from `Mesh.projections` (agentmesh/client/projections.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -28,7 +26,7 @@ from agentmesh.client import Mesh
 from agentmesh.client.projections import QueryResult
 from agentmesh.outbox.projection import PROJECTIONS, Projection
 from agentmesh.outbox.projection_apply import ProjectionError
-from agentmesh.outbox.projection_runner import ProjectionRunner, RebuildResult
+from agentmesh.outbox.projection_runner import RebuildResult, serve
 from agentmesh.outbox.projection_status import ProjectionStatus
 from agentmesh.outbox.snapshots import SESSIONS, session_snapshots
 from agentmesh.process.logs import configure
@@ -59,20 +57,8 @@ def run_cmd(name: NameArg, module: ModuleOpt = None) -> None:
     s = settings()
     configure(fmt=s.log_format, level=s.log_level)
 
-    async def go() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        runner = ProjectionRunner(s, p)
-        try:
-            await runner.start()
-            await runner.run(stop)
-        finally:
-            await runner.close()
-
     try:
-        run(go())
+        run(serve(s, p))
     except ProjectionError as exc:
         fail(str(exc))
 
