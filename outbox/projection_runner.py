@@ -244,37 +244,6 @@ class ProjectionRunner:
                      owned=sorted(self.owned), runners=self.runners)  # fmt: skip
 
 
-async def serve(s: Settings, p: Projection) -> None:
-    """`mesh projection run NAME`: until SIGTERM or SIGINT (the batch in flight commits or
-    rolls back first). Servers that are down at start are waited for, as relays do."""
-    import signal
-
-    from agentmesh.process.waiting import Outages, Server, Waiter, check_kafka_bootstrap
-
-    check_kafka_bootstrap(s.kafka_bootstrap)  # Misconfigured: waiting would not help
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    runner = ProjectionRunner(s, p)
-    pg = Server.postgres(s.postgres_dsn)
-    servers = (pg, Server.kafka(s.kafka_bootstrap))
-
-    async def start() -> bool:
-        await runner.start()
-        return True
-
-    log.info("projection starting", projection=p.name, topic=s.audit_topic)
-    try:
-        wait = Waiter(stop, log, Outages(), servers=servers)
-        if await wait.until_up(pg, start, undo=runner.close):
-            await runner.run(stop)
-    finally:
-        await runner.close()
-        log.info("projection stopped", projection=p.name, folded=runner.stats.folded,
-                 duplicates=runner.stats.duplicates, refused=runner.stats.skipped)  # fmt: skip
-
-
 async def fold_to_end(
     s: Settings,
     p: Projection,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from agentmesh.outbox import kafka
 from agentmesh.outbox.projection_apply import prepare_rebuild, swap
 from agentmesh.outbox.projection_runner import fold_to_end
 from agentmesh.settings import Settings
-from tests.audit_helpers import backlog, event, insert, read_topic, settings_from
+from tests.audit_helpers import backlog, event, insert, metric, read_topic, settings_from
 from tests.conftest import MeshProcess, eventually
 from tests.helpers import mesh
 from tests.projection_fixture import counts, reset
@@ -121,6 +122,12 @@ async def test_killed_runner_and_duplicates_leave_the_fold_of_the_deduplicated_l
     assert await read_model(pg) == expected
     st = status(env)
     assert st["skipped"] == 2  # the forged record and the refused event, each alone
+    folded = 0.0
+    for proc in procs[1:]:  # each runner's /metrics
+        port = re.search(r"http_port=(\d+)", proc.log())
+        assert port, proc.log()
+        folded += await metric(int(port.group(1)), "mesh_projection_folded_total")
+    assert folded > 0
     reasons = " | ".join(r[0] for r in await pg.fetch("SELECT reason FROM mesh_projection_skipped"))
     assert "not an envelope" in reasons and "ValueError: job.done without a usable n" in reasons
 

@@ -26,7 +26,8 @@ from agentmesh.client import Mesh
 from agentmesh.client.projections import QueryResult
 from agentmesh.outbox.projection import PROJECTIONS, Projection
 from agentmesh.outbox.projection_apply import ProjectionError
-from agentmesh.outbox.projection_runner import RebuildResult, serve
+from agentmesh.outbox.projection_runner import RebuildResult
+from agentmesh.outbox.projection_serve import serve
 from agentmesh.outbox.projection_status import ProjectionStatus
 from agentmesh.outbox.snapshots import SESSIONS, session_snapshots
 from agentmesh.process.logs import configure
@@ -50,11 +51,17 @@ def resolve(name: str, module: str | None) -> Projection:
 
 
 @projection_app.command("run")
-def run_cmd(name: NameArg, module: ModuleOpt = None) -> None:
+def run_cmd(
+    name: NameArg,
+    module: ModuleOpt = None,
+    http_port: Annotated[
+        int | None, typer.Option(help="Port of /healthz /readyz /metrics.")
+    ] = None,
+) -> None:
     """Fold the audit log into the projection's table until SIGTERM/SIGINT. Run several:
     they share the topic's partitions."""
     p = resolve(name, module)
-    s = settings()
+    s = settings() if http_port is None else settings(http_port=http_port)
     configure(fmt=s.log_format, level=s.log_level)
 
     try:
