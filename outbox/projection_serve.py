@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from agentmesh.outbox.projection import Projection
 from agentmesh.outbox.projection_runner import FoldResult, ProjectionRunner
+from agentmesh.process.build_info import register_process_metrics
 from agentmesh.process.health import HealthServer
 from agentmesh.process.waiting import (
     Outages,
@@ -38,6 +39,7 @@ class _Metrics:
                                 registry=r)  # fmt: skip
         self._owned = Gauge("mesh_projection_partitions_owned", "partitions this runner folds",
                             by, registry=r)  # fmt: skip
+        register_process_metrics(r, "projection")
         self.name = name
         self._seen = FoldResult(generation=0)
 
