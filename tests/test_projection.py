@@ -18,7 +18,7 @@ import pytest
 
 from agentmesh.outbox import kafka
 from agentmesh.outbox.projection_apply import prepare_rebuild, swap
-from agentmesh.outbox.projection_runner import fold_to_end
+from agentmesh.outbox.projection_rebuild import fold_to_end
 from agentmesh.settings import Settings
 from tests.audit_helpers import backlog, event, insert, metric, read_topic, settings_from
 from tests.conftest import MeshProcess, eventually

@@ -26,7 +26,7 @@ from agentmesh.client import Mesh
 from agentmesh.client.projections import QueryResult
 from agentmesh.outbox.projection import PROJECTIONS, Projection
 from agentmesh.outbox.projection_apply import ProjectionError
-from agentmesh.outbox.projection_runner import RebuildResult
+from agentmesh.outbox.projection_rebuild import RebuildResult
 from agentmesh.outbox.projection_serve import serve
 from agentmesh.outbox.projection_status import ProjectionStatus
 from agentmesh.outbox.snapshots import SESSIONS, session_snapshots

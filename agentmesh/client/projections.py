@@ -11,7 +11,8 @@ import asyncpg
 
 from agentmesh.client.errors import InvalidRequest, NotFound
 from agentmesh.outbox.projection import Projection
-from agentmesh.outbox.projection_runner import FoldResult, RebuildResult, catch_up, rebuild
+from agentmesh.outbox.projection_rebuild import RebuildResult, catch_up, rebuild
+from agentmesh.outbox.projection_runner import FoldResult
 from agentmesh.outbox.projection_status import ProjectionStatus, status
 from agentmesh.outbox.snapshots import SESSIONS, forget
 
