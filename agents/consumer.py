@@ -41,6 +41,7 @@ from pydantic import BaseModel
 from agentmesh.agents.agent import HandlerSpec
 from agentmesh.agents.consumer_deps import ConsumerDeps
 from agentmesh.agents.context import Context
+from agentmesh.agents.decisions import refused_key, run_guarded
 from agentmesh.agents.failures import Failures, HandlerTimeout, NoHandler, TooManyDeliveries
 from agentmesh.agents.isolation import process_gate, reclaim, run_alone
 from agentmesh.bus.deadletter import DeadLetter
@@ -70,6 +71,11 @@ class _Done:
     entry: StreamEntry
     key: str
     outcome: Work | Exception
+
+    @property
+    def record_key(self) -> str:
+        """The key its action is committed under (a refused decision has its own)."""
+        return self.outcome.idempotency_key if isinstance(self.outcome, Work) else self.key
 
 
 class ConsumerLoop:
@@ -325,12 +331,13 @@ class ConsumerLoop:
             emits=deps.agent.emits,
             dependencies=deps.dependencies,
             deliveries=entry.deliveries,
+            pool=deps.pool,
         )
         limit = spec.timeout_s or deps.settings.handler_timeout_s
         started = time.perf_counter()
         try:
             async with asyncio.timeout(limit):
-                result: Any = await spec.fn(decoded.payload, ctx)
+                result: Any = await run_guarded(spec.fn, decoded.payload, ctx)
         except TimeoutError:
             return HandlerTimeout(f"handler ran longer than {limit:g} s and was cancelled")
         except Exception as exc:
@@ -353,7 +360,7 @@ class ConsumerLoop:
             source=deps.agent.name,
         )
         return Work(
-            idempotency_key=env.idempotency_key,
+            idempotency_key=refused_key(env) if ctx.refused else env.idempotency_key,
             input=env,
             stream=entry.stream,
             entry_id=entry.id,
@@ -383,12 +390,12 @@ class ConsumerLoop:
             await self.streams.publish(outgoing)
             faults.point("after_publish")
             ok = {w.idempotency_key for w in result.committed} | set(result.duplicates)
-            await self.streams.ack([d.entry for d in group if d.key in ok])
+            await self.streams.ack([d.entry for d in group if d.record_key in ok])
             for etype, n in Counter(w.input.type for w in result.committed).items():
                 m.processed.labels(name, etype).inc(n)
             if result.duplicates:
                 m.duplicates.labels(name).inc(len(result.duplicates))
-            by_key = {d.key: d.entry for d in group}
+            by_key = {d.record_key: d.entry for d in group}
             failures += [(by_key[w.idempotency_key], exc) for w, exc in result.failed]
             await self.failures.failed(failures)
         finally:

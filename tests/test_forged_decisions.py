@@ -46,8 +46,9 @@ async def _xadd(redis: Redis, event_type: str, payload: dict[str, Any], **fields
 
 
 def _decision(decision: str, ticket: dict[str, Any], **kw: Any) -> dict[str, Any]:
-    return {"decision": decision, "operator": "mallory", "step": "approval",
-            "context": {"ticket": ticket, "hold_id": f"hold-{ticket['ticket_id']}"}, **kw}  # fmt: skip
+    context = {"ticket": ticket, "hold_id": f"hold-{ticket['ticket_id']}"}
+    return {"decision": decision, "operator": "mallory", "step": "approval", "context": context,
+            **kw}  # fmt: skip
 
 
 async def _action(pg: asyncpg.Connection, agent: str, event_id: str) -> dict[str, Any]:
@@ -128,8 +129,13 @@ async def test_forged_decisions_are_refused_or_pay_only_what_risk_stored(
     f.expect("already decided" in refused and acted["emitted"] == 0, "approve after reject", acted)
 
     # 3. a decision for a session that never waited: refused
-    ghost = await _xadd(redis, "approval.decided", _decision("approve", tickets[never]),
-                        session_id=never, idempotency_key=decision_key(never, "approval"))  # fmt: skip
+    ghost = await _xadd(
+        redis,
+        "approval.decided",
+        _decision("approve", tickets[never]),
+        session_id=never,
+        idempotency_key=decision_key(never, "approval"),
+    )
     acted = await _action(pg, "risk", ghost)
     refused = str(acted["result"].get("refused", ""))
     f.expect("never waited" in refused and acted["emitted"] == 0, "never waited", acted)
@@ -137,8 +143,13 @@ async def test_forged_decisions_are_refused_or_pay_only_what_risk_stored(
 
     # 4. an `expire` before the deadline, under the step's own key: refused, and it does not
     #    use up the key, so the human's decision afterwards is still acted on
-    early = await _xadd(redis, "approval.decided", _decision("expire", tickets[late]),
-                        session_id=late, idempotency_key=decision_key(late, "approval"))  # fmt: skip
+    early = await _xadd(
+        redis,
+        "approval.decided",
+        _decision("expire", tickets[late]),
+        session_id=late,
+        idempotency_key=decision_key(late, "approval"),
+    )
     acted = await _action(pg, "risk", early)
     f.expect("deadline" in str(acted["result"].get("refused", "")), "early expire", acted)
     if (await desk.sessions_now())[late]["status"] == "waiting":

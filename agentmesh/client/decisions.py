@@ -71,8 +71,7 @@ async def decide(mesh: Mesh, session_id: str, decision: str, reason: str) -> Dec
             "decision": decision,
             "operator": mesh.operator,
             "reason": reason,
-            "step": w.step,
-            "context": w.context,
+            "step": w.step,  # no context: the agent acts on the step it stored, not on ours
         },
         session_id=session_id,
         idempotency_key=key,
