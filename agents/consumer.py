@@ -44,6 +44,7 @@ from agentmesh.agents.context import Context
 from agentmesh.agents.decisions import refused_key, run_guarded
 from agentmesh.agents.failures import Failures, HandlerTimeout, NoHandler, TooManyDeliveries
 from agentmesh.agents.isolation import process_gate, reclaim, run_alone
+from agentmesh.agents.oversize import oversize
 from agentmesh.bus.deadletter import DeadLetter
 from agentmesh.bus.entry import Outgoing, StreamEntry
 from agentmesh.bus.streams import Streams
@@ -256,6 +257,9 @@ class ConsumerLoop:
         keys: set[str] = set()
         for e in batch:  # whatever goes wrong with one entry is that entry's, not the batch's
             try:
+                if too_big := oversize(e, s.max_envelope_bytes):  # before anything parses it
+                    dead.append(self.failures.letter(*too_big, "oversize", with_tb=False))
+                    continue
                 if e.deliveries > s.max_deliveries:
                     raise TooManyDeliveries(
                         f"delivered {e.deliveries} times (max {s.max_deliveries}) without "
