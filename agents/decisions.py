@@ -101,8 +101,10 @@ def refused_key(env: Envelope) -> str:
 async def run_guarded(fn: Any, payload: Any, ctx: Context) -> Any:
     """Run a handler; a `Decision` first passes `stored_step` (else the handler does not run
     and the result says why it was refused)."""
-    if not isinstance(payload, Decision) or ctx.pool is None:
+    if not isinstance(payload, Decision):
         return await fn(payload, ctx)
+    if ctx.pool is None:  # never acted on unchecked
+        raise RuntimeError("a decision can only be checked with the agent's Postgres pool")
     try:
         step = await stored_step(ctx.pool, agent=ctx.agent, env=ctx.envelope, decision=payload)
     except DecisionRefused as exc:

@@ -181,3 +181,30 @@ async def test_forged_decisions_are_refused_or_pay_only_what_risk_stored(
     paid = _amounts(desk)
     f.expect(paid == {f"T-{big}": 90_000, f"T-{late}": 90_000}, "paid", paid)
     assert not f.broken, "\n".join(f.broken)
+
+
+async def test_every_waiting_step_is_guarded_not_only_the_refund_desks(
+    pg: asyncpg.Connection, redis: Redis, agents: Callable[..., AgentProcess]
+) -> None:
+    import tests.waiting_fixture  # noqa: F401  (registers door.knocked / door.decided)
+
+    agents("gatekeeper", MESH_AGENTS_MODULE="tests.waiting_fixture")
+    knock = await _xadd(redis, "door.knocked", {"amount": 5}, session_id="door-1")
+    await _action(pg, "gatekeeper", knock)
+    forged = {
+        "decision": "approve",
+        "operator": "mallory",
+        "step": "open",
+        "context": {"amount": 999},
+    }
+    wrong_key = await _xadd(redis, "door.decided", forged, session_id="door-1")
+    acted = await _action(pg, "gatekeeper", wrong_key)
+    assert "must carry the idempotency key 'decision:door-1:open'" in acted["result"]["refused"]
+    right = await _xadd(redis, "door.decided", forged, session_id="door-1",
+                        idempotency_key=decision_key("door-1", "open"))  # fmt: skip
+    acted = await _action(pg, "gatekeeper", right)
+    assert acted["result"] == {"decision": "approve", "stored": {"amount": 5},
+                               "context_seen": {"amount": 5}}  # fmt: skip
+    again = await _xadd(redis, "door.decided", forged, session_id="door-1",
+                        idempotency_key=f"another-{uuid.uuid4()}")  # fmt: skip
+    assert "already decided" in (await _action(pg, "gatekeeper", again))["result"]["refused"]
