@@ -45,6 +45,7 @@ from agentmesh.agents.decisions import refused_key, run_guarded
 from agentmesh.agents.failures import Failures, HandlerTimeout, NoHandler, TooManyDeliveries
 from agentmesh.agents.isolation import process_gate, reclaim, run_alone
 from agentmesh.agents.oversize import oversize
+from agentmesh.agents.session_metrics import observe_session_ends
 from agentmesh.bus.deadletter import DeadLetter
 from agentmesh.bus.entry import Outgoing, StreamEntry
 from agentmesh.bus.streams import Streams
@@ -402,6 +403,7 @@ class ConsumerLoop:
             by_key = {d.record_key: d.entry for d in group}
             failures += [(by_key[w.idempotency_key], exc) for w, exc in result.failed]
             await self.failures.failed(failures)
+            await observe_session_ends(self.deps.pool, m, name, result.committed)
         finally:
             for d in group:
                 self.inflight.pop((d.entry.stream, d.entry.id), None)
