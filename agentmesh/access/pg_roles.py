@@ -9,6 +9,7 @@ Group roles (NOLOGIN) carry the grants; login roles are members of them:
 | mesh_read      | read every mesh table (sessions, status, replay)                       |
 | mesh_approve   | mesh_read + write the audit row of an approve/reject, publish decisions |
 | mesh_dlq       | mesh_read + DLQ and republish/redrive audit rows, re-mark rows (+ relay) |
+| mesh_projector | mesh_read + the projection tables and snapshots; CREATE in the schema    |
 
 Row security (migration 0007) limits each agent role further to its own agent's rows, and
 its outbox rows to the streams it emits (`mesh_agent_roles`, written here).
@@ -17,8 +18,8 @@ Operator actions are also checked by the database itself: migration 0007 refuses
 `mesh.operator` row whose role is not in the group the action needs, and records the role
 as the operator. An agent's role is in none of them, so it cannot write an operator action.
 
-Login roles: `mesh_agent_<name>` per agent type, `mesh_relay_user`, and one per operator, named
-as given (`alice=approve,dlq`).
+Login roles: `mesh_agent_<name>` per agent type, `mesh_relay_user`, `mesh_projector_user`, and
+one per operator, named as given (`alice=approve,dlq`).
 """
 
 from __future__ import annotations
@@ -32,9 +33,16 @@ import asyncpg
 from agentmesh.access.plan import AccessPlan
 from agentmesh.access.secrets import Secrets, scram_verifier
 
-GROUPS = ("mesh_agent", "mesh_relay", "mesh_read", "mesh_approve", "mesh_dlq")
-OPERATOR_RIGHTS = {"read": "mesh_read", "approve": "mesh_approve", "dlq": "mesh_dlq"}
+GROUPS = ("mesh_agent", "mesh_relay", "mesh_read", "mesh_approve", "mesh_dlq", "mesh_projector")
+OPERATOR_RIGHTS = {
+    "read": "mesh_read",
+    "approve": "mesh_approve",
+    "dlq": "mesh_dlq",
+    "projections": "mesh_projector",
+}
 RELAY_LOGIN = "mesh_relay_user"
+PROJECTOR_LOGIN = "mesh_projector_user"
+_PROJECTOR_DML = "SELECT, INSERT, UPDATE, DELETE"
 
 #: Every table the migrations create, and what each group may do with it. A new table must be
 #: added here (tests/test_access_pg.py fails on a table nobody classified).
@@ -52,6 +60,12 @@ TABLES: dict[str, dict[str, str]] = {
     "mesh_relay_config": {"mesh_relay": "SELECT, INSERT, UPDATE, DELETE"},
     "mesh_schema_migrations": {},
     "mesh_agent_roles": {},  # which agent a role is: read by the row-security policies only
+    # read models folded from the audit log (`mesh projection run|rebuild`)
+    "mesh_projections": {"mesh_projector": _PROJECTOR_DML},
+    "mesh_projection_offsets": {"mesh_projector": _PROJECTOR_DML},
+    "mesh_projection_applied": {"mesh_projector": _PROJECTOR_DML},
+    "mesh_projection_skipped": {"mesh_projector": _PROJECTOR_DML},
+    "mesh_session_snapshots": {"mesh_projector": _PROJECTOR_DML},
 }
 SEQUENCES: dict[str, tuple[str, ...]] = {
     "mesh_actions_id_seq": ("mesh_agent",),
@@ -76,7 +90,9 @@ def parse_operator(spec: str) -> Login:
     wanted = [r.strip() for r in (rights or "read").split(",") if r.strip()]
     bad = [r for r in wanted if r not in OPERATOR_RIGHTS]
     if bad:
-        raise ValueError(f"unknown right {bad[0]!r} for {name}: choose from read, approve, dlq")
+        raise ValueError(
+            f"unknown right {bad[0]!r} for {name}: choose from {', '.join(OPERATOR_RIGHTS)}"
+        )
     groups = tuple(OPERATOR_RIGHTS[r] for r in wanted)
     return Login(name=name, groups=groups, purpose=f"operator: {', '.join(wanted)}")
 
@@ -87,6 +103,9 @@ def logins(plan: AccessPlan, operators: Sequence[Login] = ()) -> list[Login]:
         for a in plan.agents
     ]
     out.append(Login(name=RELAY_LOGIN, groups=("mesh_relay",), purpose="outbox relay"))
+    out.append(
+        Login(name=PROJECTOR_LOGIN, groups=("mesh_projector",), purpose="projection runners")
+    )
     return out + list(operators)
 
 
@@ -109,6 +128,11 @@ def group_sql() -> list[str]:
     out = [_create_role(g, "NOLOGIN") for g in GROUPS]
     out += ["GRANT mesh_read TO mesh_approve;", "GRANT mesh_read TO mesh_dlq;"]
     out.append("GRANT mesh_relay TO mesh_dlq;  -- republish runs a relay in the operator's process")
+    out.append("GRANT mesh_read TO mesh_projector;")
+    out.append(  # a projection's live table and view are created by its runner
+        "DO $$ BEGIN EXECUTE format('GRANT CREATE ON SCHEMA %I TO mesh_projector', "
+        "current_schema()); END $$;"
+    )
     for table, grants in TABLES.items():
         out.append(f"REVOKE ALL ON {table} FROM PUBLIC, {', '.join(GROUPS)};")
         out.append(f"GRANT SELECT ON {table} TO mesh_read;")
@@ -161,6 +185,8 @@ def script(plan: AccessPlan, operators: Sequence[Login], secrets: Secrets | None
         *group_sql(),
         *login_sql(logins(plan, operators), secrets),
         *agent_rows_sql(plan),
+        # the tables a projection runner creates can be read by every reader
+        f"ALTER DEFAULT PRIVILEGES FOR ROLE {PROJECTOR_LOGIN} GRANT SELECT ON TABLES TO mesh_read;",
         "COMMIT;",
     ]
     return "\n".join(lines) + "\n"

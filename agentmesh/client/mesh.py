@@ -14,7 +14,7 @@ name recorded is the credential's, never one the caller typed (docs/access-contr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -26,12 +26,15 @@ from agentmesh.bus import Streams
 from agentmesh.client import audit, decisions
 from agentmesh.client.dlq import DeadLetters
 from agentmesh.client.errors import InvalidRequest
+from agentmesh.client.limits import oversize
+from agentmesh.client.projections import Projections
 from agentmesh.client.sessions import SessionState, session_states
 from agentmesh.client.status import MeshStatus, RelayStatus, collect, relay_status
 from agentmesh.outbox.operator import session_role
 from agentmesh.outbox.publish import publish_events
 from agentmesh.outbox.replay import Replay, Until
 from agentmesh.outbox.resend import ResendResult, Selection
+from agentmesh.outbox.snapshots import StateReplay
 from agentmesh.schemas import PoisonMessage, registry
 from agentmesh.schemas.ids import new_event_id
 from agentmesh.settings import Settings, load_settings
@@ -59,6 +62,7 @@ class Mesh:
         #: operator actions are recorded under this name whatever the caller passes.
         self.operator = ""
         self.dlq = DeadLetters(self)
+        self.projections = Projections(self)  # read models folded from the audit log
         self._redis: Redis | None = None
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
@@ -138,6 +142,8 @@ class Mesh:
         pool = await self.pg()
         if source is None:  # who published it: the role the database knows us as
             env = type(env).model_validate({**env.model_dump(), "source": f"cli:{self.operator}"})
+        if too_big := oversize(env.to_wire(), self.settings):
+            raise InvalidRequest(f"{too_big}: not published")
         (entry_id,) = await publish_events(pool, self.streams, [(expected, env)])
         return Published(
             event_id=env.event_id, session_id=env.session_id, stream=expected, entry_id=entry_id
@@ -222,6 +228,13 @@ class Mesh:
     ) -> Replay:
         """A session's events from the Kafka audit log, each once, in causal order."""
         return await audit.replay(self, session_id, until=until, scan=scan, progress=progress)
+
+    async def replay_state(
+        self, session_id: str, agents: Iterable[Any], *, progress: Progress | None = None
+    ) -> StateReplay:
+        """A session's state (the agents' projections): from its stored snapshot plus the
+        records after it when there is a sound one, else from the whole log."""
+        return await audit.replay_state(self, session_id, agents, progress=progress)
 
     async def republish(
         self,
