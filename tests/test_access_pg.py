@@ -3,6 +3,8 @@ do its job and nothing else; an agent's role cannot write an operator action."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
 import asyncpg
@@ -182,3 +184,53 @@ async def test_agent_role_sees_and_writes_only_its_own_rows(stack, roles, pg) ->
     finally:
         await pool.close()
     assert await pg.fetchval("SELECT count(*) FROM mesh_actions") == 2  # worker's, finisher's
+
+
+async def test_projector_folds_under_its_role_and_a_reader_queries_it(  # type: ignore[no-untyped-def]
+    stack, roles, pg, audit_env, relays, tmp_path
+) -> None:
+    """`mesh projection run` creates and fills its table as mesh_projector_user; a read-only
+    operator can query it (default privileges), and cannot rebuild it."""
+    from tests.audit_helpers import backlog, event, insert
+    from tests.conftest import MeshProcess
+    from tests.helpers import mesh
+    from tests.projection_fixture import reset
+
+    await reset(pg)
+    await insert(pg, [event(f"pr-{i % 3}", i) for i in range(12)])
+    relays()
+
+    async def drained() -> bool:
+        return await backlog(pg) == 0
+
+    await eventually(drained, timeout=60, what="the outbox in Kafka")
+    module = "tests.projection_fixture"
+    env = {**audit_env, "MESH_POSTGRES_DSN": dsn_as(stack, pg_roles.PROJECTOR_LOGIN, roles)}
+    proc = MeshProcess(["projection", "run", "t_counts", "--module", module], "projection",
+                       env, tmp_path)  # fmt: skip
+    try:
+
+        async def folded() -> bool:
+            try:
+                n = await pg.fetchval("SELECT sum(events) FROM t_counts")
+            except asyncpg.UndefinedTableError:
+                return False
+            return n == 12
+
+        await eventually(folded, timeout=90, what="the projection folded by its own role")
+        owner = await pg.fetchval(
+            "SELECT tableowner FROM pg_tables WHERE tablename LIKE 't\\_counts\\_g%'"
+        )
+        assert owner == pg_roles.PROJECTOR_LOGIN
+        reader = {**audit_env, "MESH_POSTGRES_DSN": dsn_as(stack, "rita", roles)}
+        out = await asyncio.to_thread(mesh, reader, "projection", "query", "t_counts", "all",
+                                      "--module", module, "--json")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert sum(r["events"] for r in json.loads(out.stdout)) == 12
+        out = await asyncio.to_thread(mesh, reader, "projection", "rebuild", "t_counts",
+                                      "--module", module)  # fmt: skip
+        assert out.returncode == 4, out.stdout + out.stderr
+        assert "permission denied" in out.stderr
+    finally:
+        proc.close()
+        await reset(pg)
