@@ -110,7 +110,7 @@ def run_refund_demo(
     started = time.monotonic()
     with console.status("starting Redis, PostgreSQL and the Kafka-compatible broker…"):
         devstack.up(cfg)
-        asyncio.run(migrate(s.postgres_dsn))
+        asyncio.run(migrate(s))
     console.print(f"[green]✓[/] local stack up in {cfg.root}")
     try:
         with console.status("starting the refund desk: 5 agent processes, relay, gateway…"):
