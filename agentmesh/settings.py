@@ -26,7 +26,8 @@ SECRET_FIELDS = ("redis_password", "postgres_password", "kafka_sasl_password",
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore")
+    # hide_input_in_errors: a validation error would otherwise quote every setting, secrets too
+    model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore", hide_input_in_errors=True)
 
     redis_url: str = Field(
         default="redis://127.0.0.1:6390/0",

@@ -131,6 +131,7 @@ async def test_an_agent_process_runs_over_tls_from_its_settings_alone(
     secret_files: dict[str, str],
     migrated: None,
     tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update(tls_env(redis_port, pg_cfg, certs), **secret_files)
@@ -141,6 +142,7 @@ async def test_an_agent_process_runs_over_tls_from_its_settings_alone(
         PYTHONUNBUFFERED="1",
     )
     intake = MeshProcess(["agent", "run", "intake"], "intake", env, tmp_path)
+    request.addfinalizer(intake.close)  # after the report, which attaches its log
     try:
         s = settings(redis_port, pg_cfg, certs)
         async with Mesh(s) as mesh:
@@ -162,7 +164,6 @@ async def test_an_agent_process_runs_over_tls_from_its_settings_alone(
     finally:
         intake.terminate()
         log = intake.log()
-        intake.close()
     assert REDIS_PASSWORD not in log and PG_PASSWORD not in log
 
 
