@@ -22,7 +22,7 @@ from agentmesh import Mesh, Settings, devstack
 from agentmesh.connect import kafka_kwargs, pg_connect, redis_client
 from agentmesh.outbox import kafka
 from agentmesh.outbox.migrate import migrate
-from agentmesh.process.waiting import Misconfigured
+from agentmesh.process.waiting import Misconfigured, Server, outage_reason
 from tests.conftest import ROOT, MeshProcess, eventually
 from tests.tls_certs import Certs, make_certs
 from tests.tls_servers import tls_postgres, tls_redis
@@ -179,12 +179,16 @@ async def test_redis_refuses_without_the_ca_in_plain_text_and_with_a_wrong_passw
          redis.exceptions.ConnectionError, None),
     ]  # fmt: skip
     for over, kind, text in refusals:
-        client = redis_client(settings(redis_port, pg_cfg, certs, **over), socket_timeout=5)
+        s = settings(redis_port, pg_cfg, certs, **over)
+        client = redis_client(s, socket_timeout=5)
         try:
-            with pytest.raises(kind, match=text):
+            with pytest.raises(kind, match=text) as refused:
                 await client.ping()
         finally:
             await client.aclose()
+        if text == unverified:  # a process does not wait for this: it stops, naming why
+            with pytest.raises(Misconfigured, match=r"invalid setting redis_url: .*CERTIFICATE"):
+                outage_reason(Server.redis(s.redis_url), refused.value)
     ok = redis_client(settings(redis_port, pg_cfg, certs))
     assert await ok.ping()
     await ok.aclose()
@@ -201,9 +205,12 @@ async def test_postgres_refuses_without_the_ca_in_plain_text_and_with_a_wrong_pa
         ({"postgres_password": "wrong-password"}, asyncpg.InvalidPasswordError),
     ]  # fmt: skip
     for over, kind in refusals:
-        with pytest.raises(kind):
-            conn = await pg_connect(settings(redis_port, pg_cfg, certs, **over), timeout=10)
+        s = settings(redis_port, pg_cfg, certs, **over)
+        with pytest.raises(kind) as refused:
+            conn = await pg_connect(s, timeout=10)
             await conn.close()
+        with pytest.raises(Misconfigured):  # none of these is worth waiting for
+            outage_reason(Server.postgres(s.postgres_dsn), refused.value)
     for mode in ("require", "verify-ca", "verify-full"):  # each encrypts
         conn = await pg_connect(settings(redis_port, pg_cfg, certs, postgres_sslmode=mode))
         try:
