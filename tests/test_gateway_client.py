@@ -4,9 +4,11 @@ configured CA (and refused without it), the base URL's path, the timeout, the id
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,6 +17,8 @@ from refund_desk import agents
 from refund_desk.events import Ticket
 from refund_desk.gateway_client import GatewayClient
 from refund_desk.gateway_standin import GatewayConfig, PaymentGatewayStandIn
+from tests.conftest import ROOT
+from tests.helpers import mesh
 from tests.tls_certs import Certs, make_certs
 
 
@@ -117,3 +121,15 @@ async def test_the_payments_agent_uses_it_the_same_way(
             await agents.gateway().aclose()
         assert paid["refund_id"] == gateway.ledger[0]["refund_id"]
         assert gateway.ledger[0]["idempotency_key"] == "refund:T-6"
+
+
+def test_a_gateway_ca_file_that_is_not_there_stops_the_agent_at_start(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(
+        PYTHONPATH=os.pathsep.join((str(ROOT), str(ROOT / "examples"))),
+        MESH_AGENTS_MODULE="refund_desk",
+        REFUND_GATEWAY_CA_FILE=str(tmp_path / "missing-ca.pem"),
+    )
+    r = mesh(env, "agent", "run", "payments", timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "invalid setting gateway_ca_file" in r.stderr and "Traceback" not in r.stderr

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 import httpx
-from pydantic import Field
+from pydantic import Field, FilePath
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentmesh import (
@@ -60,9 +60,9 @@ class DeskSettings(BaseSettings):
     approval_score: int = Field(default=60, ge=0, le=101, description="from it, a human decides")
     approval_deadline_s: float = Field(default=600.0, gt=0, description="then it expires")
     gateway_url: str = Field(default="http://127.0.0.1:8099", pattern=r"^https?://")
-    gateway_ca_file: str | None = Field(
+    gateway_ca_file: FilePath | None = Field(
         default=None, description="CA of the gateway's certificate (else the system's)"
-    )
+    )  # FilePath: a CA file that is not there stops the agent at start, not each payment
     gateway_timeout_s: float = Field(default=5.0, gt=0, description="one gateway call's limit")
 
 
@@ -258,8 +258,9 @@ def gateway() -> GatewayClient:
     """This process's client of the gateway (one connection pool), made on first use."""
     global _gateway
     if _gateway is None:
+        ca = DESK.gateway_ca_file
         _gateway = GatewayClient(
-            GATEWAY_URL, ca_file=DESK.gateway_ca_file, timeout_s=DESK.gateway_timeout_s
+            GATEWAY_URL, ca_file=str(ca) if ca else None, timeout_s=DESK.gateway_timeout_s
         )
     return _gateway
 
