@@ -219,6 +219,26 @@ async def test_postgres_refuses_without_the_ca_in_plain_text_and_with_a_wrong_pa
             await conn.close()
 
 
+async def test_redis_with_client_certificates_wants_ours(
+    tmp_path: Path, certs: Certs, pg_cfg: devstack.StackConfig
+) -> None:
+    """Mutual TLS (tls-auth-clients yes): MESH_REDIS_SSL_CERT_FILE/KEY_FILE are presented."""
+    with tls_redis(
+        tmp_path, certs, user=REDIS_USER, password=REDIS_PASSWORD, client_certs=True
+    ) as port:
+        without = redis_client(settings(port, pg_cfg, certs), socket_timeout=5)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await without.ping()
+        await without.aclose()
+        mine = {"redis_ssl_cert_file": str(certs.client_cert),
+                "redis_ssl_key_file": str(certs.client_key)}  # fmt: skip
+        client = redis_client(settings(port, pg_cfg, certs, **mine), socket_timeout=5)
+        try:
+            assert await client.ping()
+        finally:
+            await client.aclose()
+
+
 def test_unusable_tls_files_fail_at_once_naming_the_setting(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.pem")
     cases: list[tuple[dict[str, Any], str]] = [

@@ -15,6 +15,8 @@ class Certs:
     cert: Path  # the server's certificate, signed by the CA
     key: Path  # the server's key (0600)
     other_ca: Path  # a CA that signed nothing here: trusting it must not be enough
+    client_cert: Path  # a client certificate signed by the CA (mutual TLS)
+    client_key: Path
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -35,6 +37,14 @@ def make_certs(d: Path) -> Certs:
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
              "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.crt",
              cwd=d)  # fmt: skip
-    (d / "server.key").chmod(0o600)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=mesh-agent",
+             "-keyout", "client.key", "-out", "client.csr", cwd=d)  # fmt: skip
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-extfile", "client.ext", "-out", "client.crt",
+             cwd=d)  # fmt: skip
+    for key in ("server.key", "client.key"):
+        (d / key).chmod(0o600)
     return Certs(ca=d / "ca.crt", cert=d / "server.crt", key=d / "server.key",
-                 other_ca=d / "other-ca.crt")  # fmt: skip
+                 other_ca=d / "other-ca.crt", client_cert=d / "client.crt",
+                 client_key=d / "client.key")  # fmt: skip

@@ -17,8 +17,11 @@ from tests.tls_certs import Certs
 
 
 @contextmanager
-def tls_redis(d: Path, certs: Certs, *, user: str, password: str) -> Iterator[int]:
-    """redis-server with its plain port off, a TLS port, and one ACL user (`default` off)."""
+def tls_redis(
+    d: Path, certs: Certs, *, user: str, password: str, client_certs: bool = False
+) -> Iterator[int]:
+    """redis-server with its plain port off, a TLS port, and one ACL user (`default` off);
+    with `client_certs`, a client must also show a certificate signed by the CA."""
     d.mkdir(parents=True, exist_ok=True)
     port = devstack.free_port()
     conf = d / "redis.conf"
@@ -31,7 +34,7 @@ def tls_redis(d: Path, certs: Certs, *, user: str, password: str) -> Iterator[in
                 f"tls-cert-file {certs.cert}",
                 f"tls-key-file {certs.key}",
                 f"tls-ca-cert-file {certs.ca}",
-                "tls-auth-clients no",
+                f"tls-auth-clients {'yes' if client_certs else 'no'}",
                 'save ""',
                 "appendonly no",
                 f"dir {d}",
