@@ -26,6 +26,7 @@ from agentmesh.bus import Streams
 from agentmesh.client import audit, decisions
 from agentmesh.client.dlq import DeadLetters
 from agentmesh.client.errors import InvalidRequest
+from agentmesh.client.limits import oversize
 from agentmesh.client.projections import Projections
 from agentmesh.client.sessions import SessionState, session_states
 from agentmesh.client.status import MeshStatus, RelayStatus, collect, relay_status
@@ -127,6 +128,8 @@ class Mesh:
             raise InvalidRequest(f"event type {event_type} has no stream to publish on")
         if stream is not None and stream != expected:
             raise InvalidRequest(f"{event_type} travels on stream {expected!r}, not {stream!r}")
+        if too_big := oversize(env.to_wire(), self.settings):
+            raise InvalidRequest(f"{too_big}: not published")
         (entry_id,) = await publish_events(await self.pg(), self.streams, [(expected, env)])
         return Published(
             event_id=env.event_id, session_id=env.session_id, stream=expected, entry_id=entry_id
