@@ -193,12 +193,17 @@ def script(plan: AccessPlan, operators: Sequence[Login], secrets: Secrets | None
 
 
 async def apply(
-    dsn: str, plan: AccessPlan, operators: Sequence[Login], secrets: Secrets
+    target: str | asyncpg.Connection,
+    plan: AccessPlan,
+    operators: Sequence[Login],
+    secrets: Secrets,
 ) -> list[str]:
-    """Create or update the roles and grants in one transaction; the login roles' names."""
-    conn = await asyncpg.connect(dsn)
+    """Create or update the roles and grants in one transaction, on a connection (or a DSN)
+    of the tables' owner; the login roles' names."""
+    conn = await asyncpg.connect(target) if isinstance(target, str) else target
     try:
         await conn.execute(script(plan, operators, secrets))
     finally:
-        await conn.close()
+        if isinstance(target, str):
+            await conn.close()
     return [u.name for u in logins(plan, operators)]

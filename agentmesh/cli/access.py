@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from redis.asyncio import Redis
 from rich.table import Table
 
+from agentmesh import connect
 from agentmesh.access import pg_roles, redis_acl
 from agentmesh.access.plan import AccessPlan, plan_for
 from agentmesh.access.secrets import Secrets
@@ -116,8 +116,16 @@ def redis_acl_cmd(
         out.print(text, end="", highlight=False, markup=False, soft_wrap=True)
 
 
+async def _apply_pg(p: AccessPlan, ops: list[pg_roles.Login], sec: Secrets) -> list[str]:
+    conn = await connect.pg_connect(settings())
+    try:
+        return await pg_roles.apply(conn, p, ops, sec)
+    finally:
+        await conn.close()
+
+
 async def _apply_redis(users: list[redis_acl.AclUser], sec: Secrets) -> list[str]:
-    client = Redis.from_url(settings().redis_url)
+    client = connect.redis_client(settings())
     try:
         return await redis_acl.apply(client, users, sec)
     finally:
@@ -149,7 +157,7 @@ def pg_roles_cmd(
         fail(str(exc), EXIT_INPUT)
     sec = secrets_at(secrets_dir)
     if apply:
-        names = run(pg_roles.apply(settings().postgres_dsn, p, ops, sec))
+        names = run(_apply_pg(p, ops, sec))
         out.print(f"applied {len(pg_roles.GROUPS)} group roles and {len(names)} login roles: "
                   f"{safe(', '.join(names))}")  # fmt: skip
         out.print(f"passwords in {safe(sec.root / 'postgres')}")

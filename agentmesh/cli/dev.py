@@ -84,7 +84,7 @@ def dev_up(services: ServicesArg = None, as_json: JsonOpt = False) -> None:
     with spinner("starting the local stack…", enabled=not as_json):
         rows = devstack.up(stack_config(s), chosen)
         if "postgres" in chosen:
-            run(migrate(s.postgres_dsn))
+            run(migrate(s))
         access = _apply_access(s) if {"redis", "postgres"} <= set(chosen) else None
     _print_status(rows, as_json)
     if access is not None and not as_json:
@@ -96,9 +96,7 @@ def dev_up(services: ServicesArg = None, as_json: JsonOpt = False) -> None:
 def _apply_access(s: Settings) -> access_step.AccessApplied:
     """Per-agent Redis users and PostgreSQL roles for the agents of MESH_AGENTS_MODULE (if set)."""
     agents = load_agents(None).values() if s.agents_module else []
-    return access_step.apply(stack_config(s).root, redis_url=s.redis_url,
-                             postgres_dsn=s.postgres_dsn, dlq_stream=s.dlq_stream,
-                             agents=agents)  # fmt: skip
+    return access_step.apply(stack_config(s).root, s, agents=agents)
 
 
 @dev_app.command("down")
@@ -125,7 +123,7 @@ def dev_status(services: ServicesArg = None, as_json: JsonOpt = False) -> None:
 @db_app.command("migrate")
 def db_migrate(as_json: JsonOpt = False) -> None:
     """Apply pending schema migrations (safe to run from several replicas at once)."""
-    applied = run(migrate(settings().postgres_dsn))
+    applied = run(migrate(settings()))
     if as_json:
         emit_json([{"version": m.version, "name": m.name} for m in applied])
     elif applied:

@@ -11,12 +11,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from redis.asyncio import Redis
-
+from agentmesh import connect
 from agentmesh.access import pg_roles, redis_acl
 from agentmesh.access.plan import plan_for
 from agentmesh.access.secrets import Secrets
 from agentmesh.agents.agent import Agent
+from agentmesh.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -30,20 +30,23 @@ def secrets_dir(root: Path) -> Path:
     return root / "secrets"
 
 
-def apply(
-    root: Path, *, redis_url: str, postgres_dsn: str, dlq_stream: str, agents: Iterable[Agent]
-) -> AccessApplied:
-    """Create or update the users and roles (idempotent; passwords kept across runs)."""
-    plan = plan_for(agents, dlq_stream=dlq_stream)
+def apply(root: Path, s: Settings, *, agents: Iterable[Agent]) -> AccessApplied:
+    """Create or update the users and roles (idempotent; passwords kept across runs), on the
+    servers `s` names, with its (admin) credentials."""
+    plan = plan_for(agents, dlq_stream=s.dlq_stream)
     sec = Secrets(secrets_dir(root))
 
     async def go() -> AccessApplied:
-        client = Redis.from_url(redis_url)
+        client = connect.redis_client(s)
         try:
             users = await redis_acl.apply(client, redis_acl.users_for(plan), sec)
         finally:
             await client.aclose()
-        logins = await pg_roles.apply(postgres_dsn, plan, [], sec)
+        conn = await connect.pg_connect(s)
+        try:
+            logins = await pg_roles.apply(conn, plan, [], sec)
+        finally:
+            await conn.close()
         return AccessApplied(users, logins, sec.root)
 
     return asyncio.run(go())
