@@ -21,7 +21,7 @@ from agentmesh.access.secrets import Secrets
 from agentmesh.bus import Outgoing, Streams
 from agentmesh.bus import dlq as dlq_steps
 from agentmesh.schemas import registry
-from tests.access_helpers import apply_roles, dsn_as, plan, redis_url_as
+from tests.access_helpers import apply_roles, dsn_as, dsn_with_user, plan, redis_url_as
 from tests.audit_helpers import metric
 from tests.conftest import AgentProcess, eventually
 from tests.helpers import dlq, mesh, stream_events
@@ -56,9 +56,11 @@ async def test_agent_runs_end_to_end_under_its_own_credentials(  # type: ignore[
 ) -> None:
     """finisher: job.done (t:done) -> job.final (t:final), with its ACL user and its role."""
     proc: AgentProcess = agents(
-        "finisher",
-        MESH_REDIS_URL=redis_url_as(stack, "mesh-agent-finisher", acl),
-        MESH_POSTGRES_DSN=dsn_as(stack, "mesh_agent_finisher", acl),
+        "finisher",  # its credentials as a deployment gives them: user names, password files
+        MESH_REDIS_USERNAME="mesh-agent-finisher",
+        MESH_REDIS_PASSWORD_FILE=str(acl.path("redis", "mesh-agent-finisher")),
+        MESH_POSTGRES_DSN=dsn_with_user(stack.postgres_dsn, "mesh_agent_finisher"),
+        MESH_POSTGRES_PASSWORD_FILE=str(acl.path("postgres", "mesh_agent_finisher")),
         MESH_TRIM_INTERVAL_S="0.5",
     )
     ok = registry.make("job.done", {"n": 7}, session_id="s-acl")
