@@ -28,11 +28,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from agentmesh.agents.agent import Agent
+from agentmesh.agents.budget_gate import budget_paused
 from agentmesh.agents.consumer import ConsumerLoop
 from agentmesh.agents.consumer_deps import ConsumerDeps
 from agentmesh.agents.metrics import Metrics
 from agentmesh.agents.periodic import Tick, run_periodic
 from agentmesh.agents.resilience import STATE_VALUE, Dependency
+from agentmesh.bus.budget import Buckets
 from agentmesh.process.health import HealthServer
 from agentmesh.process.waiting import Misconfigured, Outages, Server, Waiter, outage_reason
 from agentmesh.settings import Settings
@@ -72,8 +74,9 @@ class Runner:
 
     # -- breakers decide which streams are read ---------------------------------------------
     def paused_streams(self) -> tuple[set[str], set[str]]:
-        """(paused, probing): streams whose handlers need an open breaker, or one due a probe."""
-        paused: set[str] = set()
+        """(paused, probing): streams whose handlers need an open breaker, or one due a probe;
+        paused too: streams whose every handler needs an empty shared budget."""
+        paused = budget_paused(self.agent, self.dependencies)
         probing: set[str] = set()
         for stream in self.agent.streams:
             states = {self.dependencies[d].state for d in self.agent.needs_of_stream(stream)}
@@ -81,7 +84,7 @@ class Runner:
                 paused.add(stream)
             elif "half-open" in states:
                 probing.add(stream)
-        return paused, probing
+        return paused, probing - paused
 
     def stream_modes(self) -> tuple[list[str], list[str]]:
         paused, probing = self.paused_streams()
@@ -112,6 +115,10 @@ class Runner:
         except ValueError as exc:
             raise Misconfigured.of(redis_server, str(exc)) from exc
         self._closing.append(self.redis.aclose)
+        buckets = Buckets(self.redis)
+        for dep in self.dependencies.values():
+            dep.attach(buckets)
+        self.metrics.watch_budgets(self.agent.name, self.dependencies)
         self.http = HealthServer(
             host=s.http_host,
             port=s.http_port,

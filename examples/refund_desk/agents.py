@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentmesh import (
     Agent,
+    Budget,
     Context,
     Decision,
     DependencySpec,
@@ -60,6 +61,10 @@ class DeskSettings(BaseSettings):
     approval_score: int = Field(default=60, ge=0, le=101, description="from it, a human decides")
     approval_deadline_s: float = Field(default=600.0, gt=0, description="then it expires")
     gateway_url: str = Field(default="http://127.0.0.1:8099", pattern=r"^https?://")
+    gateway_rate: float = Field(
+        default=100.0, ge=0, description="gateway calls/s shared by all payments replicas; 0: none"
+    )
+    gateway_burst: int = Field(default=20, ge=1, description="gateway calls allowed at once")
 
 
 DESK = DeskSettings()
@@ -88,6 +93,10 @@ payments = Agent(
             fail_max=3,
             reset_timeout_s=2.0,
             retry=RetryPolicy(attempts=2, initial_s=0.1, max_s=0.5),
+            # one budget for every replica: the gateway allows so many calls per second
+            budget=Budget(rate=DESK.gateway_rate, burst=DESK.gateway_burst)
+            if DESK.gateway_rate
+            else None,
         )
     ],
 )
