@@ -46,6 +46,7 @@ class BucketState:
     granted: int  # takes granted (each is a call made)
     refused: int  # takes refused: the call's entry was parked for later
     exhausted: int  # times the bucket ran empty (a take found too few units)
+    since: float  # server time (epoch s) the bucket was created, full: no grant before it
 
 
 class Buckets:
@@ -78,7 +79,7 @@ class Buckets:
         reply = await self.scripts.budget(keys=[budget_key(name)], args=["peek"])
         if not reply:
             return None
-        tokens, rate, burst, granted, refused, exhausted = (_s(x) for x in reply)
+        tokens, rate, burst, granted, refused, exhausted, since = (_s(x) for x in reply)
         return BucketState(
             name=name,
             rate_per_s=float(rate),
@@ -87,6 +88,7 @@ class Buckets:
             granted=int(granted),
             refused=int(refused),
             exhausted=int(exhausted),
+            since=float(since),
         )
 
     async def states(self) -> list[BucketState]:

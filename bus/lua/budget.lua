@@ -1,7 +1,8 @@
 -- A token bucket shared by every replica that names one dependency, in one atomic step.
 -- Time is the Redis server's (TIME), never a client's clock: replicas on hosts whose clocks
 -- disagree still share one refill rate.
--- KEYS[1]: the bucket (a hash: tokens, ts, rate, burst, granted, refused, exhausted, empty).
+-- KEYS[1]: the bucket (a hash: tokens, ts, rate, burst, granted, refused, exhausted, empty,
+-- since: when it was created, full).
 -- ARGV: mode, rate (units per second), burst (capacity), amount, max_wait_s, ttl_s
 --   'take'   reserve `amount` units. Granted at once when the bucket holds them; granted with
 --            a wait (the units are taken now and the balance goes below zero) when they refill
@@ -11,7 +12,7 @@
 --   'charge' take `amount` more units (negative: give back) after a call, from its result;
 --            may leave the balance below zero. Returns tokens after.
 --   'peek'   (no ARGV but the mode) Returns {tokens, rate, burst, granted, refused,
---            exhausted}, or false when the bucket does not exist.
+--            exhausted, since}, or false when the bucket does not exist.
 -- Floats travel as strings: Redis would truncate a Lua number to an integer.
 local key, mode = KEYS[1], ARGV[1]
 local h = redis.call('HMGET', key, 'tokens', 'ts', 'rate', 'burst', 'empty')
@@ -33,8 +34,11 @@ local function f(x)
   return string.format('%.6f', x)
 end
 if mode == 'peek' then
-  local c = redis.call('HMGET', key, 'granted', 'refused', 'exhausted')
-  return {f(tokens), f(rate), f(burst), c[1] or '0', c[2] or '0', c[3] or '0'}
+  local c = redis.call('HMGET', key, 'granted', 'refused', 'exhausted', 'since')
+  return {f(tokens), f(rate), f(burst), c[1] or '0', c[2] or '0', c[3] or '0', c[4] or '0'}
+end
+if not h[1] then
+  redis.call('HSET', key, 'since', f(now))
 end
 local amount = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[6])
