@@ -117,6 +117,10 @@ class DependencySpec:
     budget: Budget | None = None
 
 
+TAKES_AT_ONCE = 8
+"""Budget round trips one replica makes at once, per dependency."""
+
+
 class _Openings(CircuitBreakerListener):  # type: ignore[misc]
     """Counts the breaker's openings. Its state alone is a poor record: with a short reset
     timeout a breaker is open for a second or two at a time, which a status poll can miss."""
@@ -144,9 +148,13 @@ class Dependency:
         self.spec = spec
         self.buckets: Buckets | None = None  # set by attach(): where the budget is kept
         self.blocked_until = 0.0  # monotonic: the shared budget has no room before then
+        self.gate_until = 0.0  # monotonic: read no new entries for it before then
         self.budget_refused = 0  # calls of this replica parked for want of budget
         self.budget_waited = 0  # calls of this replica that waited their turn
         self.budget_tokens: float | None = None  # the bucket's balance as last seen here
+        # At most this many takes of this replica at once: 200 handlers starting together
+        # would otherwise want 200 Redis connections of the runner's pool (and exhaust it).
+        self._takes = asyncio.Semaphore(TAKES_AT_ONCE)
         self._openings = _Openings(on_change)
         self.breaker = CircuitBreaker(
             fail_max=spec.fail_max,
@@ -196,8 +204,10 @@ class Dependency:
 
     @property
     def budget_empty(self) -> bool:
-        """True while the last take of this replica found no room (the read gate's signal)."""
-        return self.spec.budget is not None and time.monotonic() < self.blocked_until
+        """The read gate's signal: True from a refused take of this replica until the entries
+        it parked have all come back (room, plus their spread): reading more before that
+        would only park more."""
+        return self.spec.budget is not None and time.monotonic() < self.gate_until
 
     async def _take(self) -> None:
         """Take one call's reserve from the shared bucket, waiting up to `max_wait_s` for it;
@@ -207,19 +217,20 @@ class Dependency:
             return
         if self.buckets is None:
             raise RuntimeError(f"dependency {self.name!r} has a budget but no Redis (attach())")
-        now = time.monotonic()
-        if now < self.blocked_until:  # known empty: no round trip until it has room again
-            raise self._refused(self.blocked_until - now)
-        take = await self.buckets.take(
-            self.name,
-            rate_per_s=budget.rate_per_s,
-            burst=budget.capacity,
-            amount=budget.reserve,
-            max_wait_s=budget.max_wait_s,
-        )
+        async with self._takes:
+            now = time.monotonic()  # after the queue: a take refused meanwhile is known here
+            if now < self.blocked_until:  # known empty: no round trip until it has room
+                raise self._refused(self.blocked_until - now)
+            take = await self.buckets.take(
+                self.name,
+                rate_per_s=budget.rate_per_s,
+                burst=budget.capacity,
+                amount=budget.reserve,
+                max_wait_s=budget.max_wait_s,
+            )
         self.budget_tokens = take.tokens
         if not take.granted:
-            self.blocked_until = time.monotonic() + take.wait_s
+            self.blocked_until = max(self.blocked_until, time.monotonic() + take.wait_s)
             raise self._refused(take.wait_s)
         if take.wait_s > 0:
             self.budget_waited += 1
@@ -227,9 +238,10 @@ class Dependency:
 
     def _refused(self, room_in_s: float) -> BudgetExhausted:
         """Parked entries come back spread over `max_wait_s` after the bucket has room, not
-        all at once."""
+        all at once; the reader takes nothing new for the dependency until they are back."""
         self.budget_refused += 1
         spread = max(self.spec.budget.max_wait_s if self.spec.budget else 0.0, 0.1)
+        self.gate_until = max(self.gate_until, time.monotonic() + room_in_s + spread)
         return BudgetExhausted(self.name, room_in_s + random.uniform(0, spread))
 
     async def _charge(self, result: Any) -> None:
@@ -238,9 +250,10 @@ class Dependency:
             return
         extra = float(budget.cost(result)) - budget.reserve
         if extra:
-            self.budget_tokens = await self.buckets.charge(
-                self.name, rate_per_s=budget.rate_per_s, burst=budget.capacity, amount=extra
-            )
+            async with self._takes:
+                self.budget_tokens = await self.buckets.charge(
+                    self.name, rate_per_s=budget.rate_per_s, burst=budget.capacity, amount=extra
+                )
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Each attempt takes its units from the budget first (outside the breaker: an empty

@@ -74,9 +74,8 @@ class Runner:
 
     # -- breakers decide which streams are read ---------------------------------------------
     def paused_streams(self) -> tuple[set[str], set[str]]:
-        """(paused, probing): streams whose handlers need an open breaker, or one due a probe;
-        paused too: streams whose every handler needs an empty shared budget."""
-        paused = budget_paused(self.agent, self.dependencies)
+        """(paused, probing): streams whose handlers need an open breaker, or one due a probe."""
+        paused: set[str] = set()
         probing: set[str] = set()
         for stream in self.agent.streams:
             states = {self.dependencies[d].state for d in self.agent.needs_of_stream(stream)}
@@ -84,12 +83,15 @@ class Runner:
                 paused.add(stream)
             elif "half-open" in states:
                 probing.add(stream)
-        return paused, probing - paused
+        return paused, probing
 
     def stream_modes(self) -> tuple[list[str], list[str]]:
+        """New entries are read from neither paused streams nor those whose every handler
+        needs an empty shared budget (entries parked for it still run when due)."""
         paused, probing = self.paused_streams()
-        normal = [s for s in self.agent.streams if s not in paused and s not in probing]
-        return normal, sorted(probing)
+        gated = budget_paused(self.agent, self.dependencies)
+        normal = [s for s in self.agent.streams if s not in paused | probing | gated]
+        return normal, sorted(probing - gated)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -318,6 +320,7 @@ class Runner:
                     reason = str(bad.errors()[0]["msg"])
                 return False, f"{server.name} at {server.address} unreachable: {reason}"
         paused, _ = self.paused_streams()
+        paused |= budget_paused(self.agent, self.dependencies)
         return True, "ready" + (f" (paused: {', '.join(sorted(paused))})" if paused else "")
 
 

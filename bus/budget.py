@@ -85,9 +85,9 @@ class Buckets:
             rate_per_s=float(rate),
             burst=float(burst),
             tokens=float(tokens),
-            granted=int(granted),
-            refused=int(refused),
-            exhausted=int(exhausted),
+            granted=int(float(granted)),
+            refused=int(float(refused)),
+            exhausted=int(float(exhausted)),
             since=float(since),
         )
 

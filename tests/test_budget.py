@@ -59,6 +59,19 @@ async def test_bucket_grants_the_burst_then_turns_then_refuses(redis: Redis) -> 
     assert await b.state("nothing") is None
 
 
+async def test_a_forged_bucket_resets_instead_of_failing_or_granting_everything(
+    redis: Redis,
+) -> None:
+    b = Buckets(redis)
+    forged = {"tokens": "nan", "ts": "inf", "rate": "x", "granted": "lots", "exhausted": "-inf"}
+    await redis.hset(budget_key("gw"), mapping=forged)
+    first = await b.take("gw", rate_per_s=1.0, burst=1, amount=1, max_wait_s=0)
+    second = await b.take("gw", rate_per_s=1.0, burst=1, amount=1, max_wait_s=0)
+    assert first.granted and not second.granted  # a full bucket of one, then empty
+    st = await b.state("gw")
+    assert st is not None and (st.granted, st.refused, st.exhausted) == (1, 1, 1)
+
+
 async def test_cost_is_charged_after_the_call_from_its_result(redis: Redis) -> None:
     budget = Budget(rate=6000, per_s=60, burst=1000, reserve=100, cost=lambda r: r["tokens"])
     dep = Dependency(DependencySpec(name="llm", budget=budget))
@@ -123,9 +136,9 @@ async def test_the_reader_stops_streams_that_lead_only_to_an_empty_budget() -> N
     agent.handler("ask.plain")(handle)  # needs nothing: its stream must still be read
     runner = Runner(agent, Settings())
     assert runner.paused_streams() == (set(), set())
-    runner.dependencies["llm"].blocked_until = float("inf")
-    assert runner.paused_streams() == ({"g:llm"}, set())
-    assert runner.stream_modes() == (["g:mixed"], [])
+    runner.dependencies["llm"].gate_until = float("inf")
+    assert runner.stream_modes() == (["g:mixed"], [])  # no new entries from g:llm
+    assert runner.paused_streams() == (set(), set())  # its parked entries still run when due
 
 
 # -- ten replicas, one budget, the gateway stand-in ------------------------------------------

@@ -14,17 +14,29 @@
 --   'peek'   (no ARGV but the mode) Returns {tokens, rate, burst, granted, refused,
 --            exhausted, since}, or false when the bucket does not exist.
 -- Floats travel as strings: Redis would truncate a Lua number to an integer.
+-- A field someone overwrote with garbage (not a finite number) counts as missing, so a forged
+-- bucket resets instead of failing every call (or granting every call, for a NaN).
+local function num(x, default)
+  local n = tonumber(x)
+  if n == nil or n ~= n or n == math.huge or n == -math.huge then
+    return default
+  end
+  return n
+end
 local key, mode = KEYS[1], ARGV[1]
 local h = redis.call('HMGET', key, 'tokens', 'ts', 'rate', 'burst', 'empty')
 if mode == 'peek' and not h[1] then
   return false
 end
-local rate = tonumber(ARGV[2]) or tonumber(h[3])
-local burst = tonumber(ARGV[3]) or tonumber(h[4])
+local rate = num(ARGV[2], num(h[3], 0))
+local burst = num(ARGV[3], num(h[4], 0))
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local tokens = tonumber(h[1]) or burst
-local ts = tonumber(h[2]) or now
+local tokens = num(h[1], burst)
+local ts = num(h[2], now)
+local function incr(field)
+  redis.call('HSET', key, field, math.floor(num(redis.call('HGET', key, field), 0)) + 1)
+end
 if now > ts then
   tokens = math.min(burst, tokens + (now - ts) * rate)
 else
@@ -35,7 +47,8 @@ local function f(x)
 end
 if mode == 'peek' then
   local c = redis.call('HMGET', key, 'granted', 'refused', 'exhausted', 'since')
-  return {f(tokens), f(rate), f(burst), c[1] or '0', c[2] or '0', c[3] or '0', c[4] or '0'}
+  return {f(tokens), f(rate), f(burst), f(num(c[1], 0)), f(num(c[2], 0)), f(num(c[3], 0)),
+    f(num(c[4], 0))}
 end
 if not h[1] then
   redis.call('HSET', key, 'since', f(now))
@@ -53,7 +66,7 @@ local granted, wait = 1, 0
 if tokens < amount then
   -- empty: one more exhaustion when the previous take still found units
   if h[5] ~= '1' then
-    redis.call('HINCRBY', key, 'exhausted', 1)
+    incr('exhausted')
     redis.call('HSET', key, 'empty', '1')
   end
   wait = (amount - tokens) / rate
@@ -66,9 +79,9 @@ elseif h[5] == '1' then
 end
 if granted == 1 then
   tokens = tokens - amount
-  redis.call('HINCRBY', key, 'granted', 1)
+  incr('granted')
 else
-  redis.call('HINCRBY', key, 'refused', 1)
+  incr('refused')
 end
 redis.call('HSET', key, 'tokens', f(tokens), 'ts', f(now), 'rate', f(rate), 'burst', f(burst))
 redis.call('EXPIRE', key, ttl)
