@@ -72,6 +72,11 @@ async def test_over_the_bound_nothing_is_published_and_a_batch_is_whole(
     assert r.returncode == 4, (r.stdout, r.stderr)
     assert "backlog over its bound" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    waited = await asyncio.to_thread(
+        mesh, env, "publish", "t:jobs", "-t", "job.created", "-p", '{"n": 98}',
+        "--backlog-wait", "0.5",
+    )  # fmt: skip
+    assert waited.returncode == 4 and "after waiting 0.5 s" in waited.stderr, waited.stderr
     assert await redis.xlen("t:jobs") == 6 and await _outbox_rows(pg, "bp") == 6
     # no bound configured (0): the same publish goes through
     ok = await asyncio.to_thread(

@@ -207,6 +207,7 @@ async def test_ten_replicas_share_one_budget_of_the_gateway(
                     *(asyncio.to_thread(_get, f"http://127.0.0.1:{p}/readyz") for p in ports)
                 )
                 paused_seen = any("paused: refund:approved" in b for b in bodies)
+            assert await redis.xlen("mesh:dlq") == 0, "a parked entry must not be dead-lettered"
             return await actions(pg, "payments") >= TICKETS
 
         await eventually(all_paid, timeout=120, interval=0.3, what="every ticket paid")
