@@ -72,6 +72,22 @@ async def test_a_forged_bucket_resets_instead_of_failing_or_granting_everything(
     assert st is not None and (st.granted, st.refused, st.exhausted) == (1, 1, 1)
 
 
+async def test_a_call_waits_its_turn_when_the_bucket_refills_in_time(redis: Redis) -> None:
+    dep = Dependency(DependencySpec(name="api", budget=Budget(rate=1, burst=1, max_wait_s=5)))
+    dep.attach(Buckets(redis))
+
+    async def ping() -> str:
+        return "pong"
+
+    assert [await dep.call(ping) for _ in range(2)] == ["pong"] * 2  # none refused
+    assert dep.budget_waited == 1 and dep.budget_refused == 0 and not dep.budget_empty
+    st = await Buckets(redis).state("api")
+    assert st is not None and (st.granted, st.refused) == (2, 0)
+    for bad in ({"rate": 0}, {"rate": 1, "per_s": 0}, {"rate": 1, "burst": 0.5}):
+        with pytest.raises(ValueError):
+            Budget(**bad)
+
+
 async def test_cost_is_charged_after_the_call_from_its_result(redis: Redis) -> None:
     budget = Budget(rate=6000, per_s=60, burst=1000, reserve=100, cost=lambda r: r["tokens"])
     dep = Dependency(DependencySpec(name="llm", budget=budget))
