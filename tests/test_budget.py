@@ -37,22 +37,22 @@ RATE, BURST, SECONDS, REPLICAS, TICKETS = 50, 25, 10, 10, 600
 async def test_bucket_grants_the_burst_then_turns_then_refuses(redis: Redis) -> None:
     b = Buckets(redis)
     takes = [
-        await b.take("llm", rate_per_s=1.0, burst=3, amount=1, max_wait_s=2.5) for _ in range(6)
+        await b.take("llm", rate_per_s=0.1, burst=3, amount=1, max_wait_s=25) for _ in range(6)
     ]
     assert [t.granted for t in takes] == [True] * 5 + [False]
-    # three at once, then a turn one refill apart each, as long as it is within 2.5 s
-    assert [round(t.wait_s) for t in takes[:5]] == [0, 0, 0, 1, 2]
-    assert 0 < takes[5].wait_s <= 0.5  # refused: room again once a 2.5 s wait is enough
+    # three at once, then a turn one refill (10 s) apart each, as long as it is within 25 s
+    assert [round(t.wait_s / 10) for t in takes[:5]] == [0, 0, 0, 1, 2]
+    assert 0 < takes[5].wait_s <= 5  # refused: room again once a 25 s wait is enough
     st = await b.state("llm")
     assert st is not None
     assert (st.granted, st.refused, st.exhausted) == (5, 1, 1)
-    assert (st.rate_per_s, st.burst) == (1.0, 3.0) and st.tokens < -1.9
+    assert (st.rate_per_s, st.burst) == (0.1, 3.0) and st.tokens < -1.9
     assert 0 < st.since <= await _server_time(redis)  # created by the server's clock
 
     # refilled (as if time passed): the next drain is a second exhaustion, not the same one
     await redis.hset(budget_key("llm"), "tokens", "3")
-    assert (await b.take("llm", rate_per_s=1.0, burst=3, amount=3, max_wait_s=0)).granted
-    assert not (await b.take("llm", rate_per_s=1.0, burst=3, amount=1, max_wait_s=0)).granted
+    assert (await b.take("llm", rate_per_s=0.1, burst=3, amount=3, max_wait_s=0)).granted
+    assert not (await b.take("llm", rate_per_s=0.1, burst=3, amount=1, max_wait_s=0)).granted
     st = await b.state("llm")
     assert st is not None and st.exhausted == 2
     assert [s.name for s in await b.states()] == ["llm"]
@@ -89,7 +89,7 @@ async def test_a_call_waits_its_turn_when_the_bucket_refills_in_time(redis: Redi
 
 
 async def test_cost_is_charged_after_the_call_from_its_result(redis: Redis) -> None:
-    budget = Budget(rate=6000, per_s=60, burst=1000, reserve=100, cost=lambda r: r["tokens"])
+    budget = Budget(rate=3600, per_s=3600, burst=1000, reserve=100, cost=lambda r: r["tokens"])
     dep = Dependency(DependencySpec(name="llm", budget=budget))
     dep.attach(Buckets(redis))
 
@@ -98,9 +98,9 @@ async def test_cost_is_charged_after_the_call_from_its_result(redis: Redis) -> N
 
     assert await dep.call(complete) == {"tokens": 700}
     st = await Buckets(redis).state("llm")
-    assert st is not None and st.rate_per_s == 100.0
-    assert 300 <= st.tokens < 330  # 1000 - 700 charged in all, plus what refilled since
-    assert dep.budget_tokens is not None and dep.budget_tokens < 310
+    assert st is not None and st.rate_per_s == 1.0
+    assert 300 <= st.tokens < 330  # 1000 - 700 charged in all, plus what refilled since (1/s)
+    assert dep.budget_tokens is not None and dep.budget_tokens < 330
 
 
 async def test_an_empty_budget_is_no_failure_of_the_dependency(redis: Redis) -> None:
