@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import structlog
 from aiobreaker import CircuitBreaker, CircuitBreakerError, CircuitBreakerState
 from aiobreaker.listener import CircuitBreakerListener
 from tenacity import (
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from agentmesh.bus.budget import Buckets
 
 T = TypeVar("T")
+log = structlog.get_logger("agentmesh.resilience")
 
 
 class NonRetryable(Exception):
@@ -245,15 +247,24 @@ class Dependency:
         return BudgetExhausted(self.name, room_in_s + random.uniform(0, spread))
 
     async def _charge(self, result: Any) -> None:
+        """Charge what the call really cost beyond its reserve. Never fails the call: it has
+        happened, and failing now would only run it again. A cost that cannot be computed
+        (the function raises, or says NaN) or a Redis error is logged and not charged."""
         budget = self.spec.budget
         if budget is None or budget.cost is None or self.buckets is None:
             return
-        extra = float(budget.cost(result)) - budget.reserve
-        if extra:
-            async with self._takes:
-                self.budget_tokens = await self.buckets.charge(
-                    self.name, rate_per_s=budget.rate_per_s, burst=budget.capacity, amount=extra
-                )
+        try:
+            extra = float(budget.cost(result)) - budget.reserve
+            if not math.isfinite(extra):
+                raise ValueError(f"cost is {extra + budget.reserve}")
+            if extra:
+                async with self._takes:
+                    self.budget_tokens = await self.buckets.charge(
+                        self.name, rate_per_s=budget.rate_per_s, burst=budget.capacity,
+                        amount=extra,
+                    )  # fmt: skip
+        except Exception as exc:
+            log.warning("budget not charged", dependency=self.name, error=f"{exc!r}")
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Each attempt takes its units from the budget first (outside the breaker: an empty

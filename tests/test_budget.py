@@ -102,6 +102,13 @@ async def test_cost_is_charged_after_the_call_from_its_result(redis: Redis) -> N
     assert 300 <= st.tokens < 330  # 1000 - 700 charged in all, plus what refilled since (1/s)
     assert dep.budget_tokens is not None and dep.budget_tokens < 330
 
+    async def broken() -> dict[str, str]:
+        return {"tokens": "many"}  # a cost the function cannot compute: the call still counts
+
+    assert await dep.call(broken) == {"tokens": "many"}
+    st = await Buckets(redis).state("llm")
+    assert st is not None and st.granted == 2 and 200 <= st.tokens < 230  # the reserve only
+
 
 async def test_an_empty_budget_is_no_failure_of_the_dependency(redis: Redis) -> None:
     spec = DependencySpec(name="gw", fail_max=1, budget=Budget(rate=1, burst=1, max_wait_s=0))

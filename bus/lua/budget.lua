@@ -53,7 +53,7 @@ end
 if not h[1] then
   redis.call('HSET', key, 'since', f(now))
 end
-local amount = tonumber(ARGV[4])
+local amount = num(ARGV[4], 0)
 local ttl = tonumber(ARGV[6])
 if mode == 'charge' then
   tokens = math.min(burst, tokens - amount)
