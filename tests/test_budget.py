@@ -206,16 +206,21 @@ async def test_ten_replicas_share_one_budget_of_the_gateway(
     ports = [free_port() for _ in range(REPLICAS)]
     extra = {k: v for k, v in env.items() if base_env.get(k) != v}
     try:
-        for port in ports:
-            agents("payments", MESH_HTTP_PORT=str(port), **extra)
+        procs = [agents("payments", MESH_HTTP_PORT=str(port), **extra) for port in ports]
+        seen: list[str] = []
 
-        async def all_ready() -> bool:
-            bodies = await asyncio.gather(
+        async def all_ready() -> list[str] | None:
+            for proc in procs:  # one that died (a port taken meanwhile, say) fails at once
+                assert proc.alive(), f"a payments replica exited:\n{proc.log()[-4000:]}"
+            seen[:] = await asyncio.gather(
                 *(asyncio.to_thread(_get, f"http://127.0.0.1:{p}/readyz") for p in ports)
             )
-            return all(b.startswith("ready") for b in bodies)
+            return seen if all(b.startswith("ready") for b in seen) else None
 
-        await eventually(all_ready, timeout=90, interval=0.5, what="ten payments replicas ready")
+        try:
+            await eventually(all_ready, timeout=180, interval=0.5, what="replicas ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; /readyz answered {seen}") from None
         await redis.delete(budget_key("gateway"))
         async with Mesh(settings_from(env)) as client:
             sent = await client.publish_batch([_approved(n) for n in range(TICKETS)])
