@@ -52,6 +52,7 @@ class Runner:
     def __init__(self, agent: Agent, settings: Settings) -> None:
         self.agent = agent
         self.settings = settings
+        agent.registry.max_bytes = settings.max_envelope_bytes  # what ctx.emit may make
         self.metrics = Metrics()
         self.breakers_changed = asyncio.Event()
         self.dependencies = {
