@@ -223,7 +223,10 @@ async def test_ten_replicas_share_one_budget_of_the_gateway(
             raise AssertionError(f"{exc}; /readyz answered {seen}") from None
         await redis.delete(budget_key("gateway"))
         async with Mesh(settings_from(env)) as client:
-            sent = await client.publish_batch([_approved(n) for n in range(TICKETS)])
+            # written as risk's own (the outbox row's agent is the source): payments pays only
+            # an approval risk committed
+            approvals = [_approved(n) for n in range(TICKETS)]
+            sent = await client.publish_batch(approvals, source="risk")
         assert len(sent) == TICKETS
 
         paused_seen = False
