@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from agentmesh import connect
 from agentmesh.bus import Streams
 from agentmesh.bus.backlog import backlogs
 from agentmesh.client import audit, decisions
@@ -95,16 +96,14 @@ class Mesh:
     @property
     def redis(self) -> Redis:
         if self._redis is None:
-            self._redis = Redis.from_url(self.settings.redis_url)
+            self._redis = connect.redis_client(self.settings)
         return self._redis
 
     async def pg(self) -> asyncpg.Pool:
         """The PostgreSQL pool, opened on first use."""
         async with self._pool_lock:
             if self._pool is None:
-                self._pool = await asyncpg.create_pool(
-                    self.settings.postgres_dsn, min_size=1, max_size=4
-                )
+                self._pool = await connect.pg_pool(self.settings, min_size=1, max_size=4)
         return self._pool
 
     @property
