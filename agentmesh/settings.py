@@ -136,6 +136,17 @@ class Settings(BaseSettings):
         default=3_600_000, ge=1000, description="forget consumers idle this long owning nothing"
     )
     dedup_ttl_s: int = Field(default=7 * 86400, ge=1, description="how long XADD dedup keys live")
+    publish_max_backlog: int = Field(
+        default=100_000,
+        ge=0,
+        description="publishing (Mesh.publish, mesh publish) refuses to take a stream's backlog "
+        "(lag + pending of its slowest group) over this; 0 = no bound",
+    )
+    publish_backlog_wait_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="how long publishing waits for room under the backlog bound before refusing",
+    )
     dlq_stream: str = "mesh:dlq"
     max_envelope_bytes: int = Field(default=256 * 1024, ge=1024)
     http_host: str = "127.0.0.1"

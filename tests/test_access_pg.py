@@ -12,6 +12,7 @@ import pytest
 
 from agentmesh import devstack
 from agentmesh.access import pg_roles
+from agentmesh.cli.common import EXIT_FORBIDDEN
 from agentmesh.outbox import outbox_rows
 from agentmesh.outbox.operator import record_operator_action
 from agentmesh.outbox.unit_of_work import UnitOfWork, Work
@@ -229,7 +230,7 @@ async def test_projector_folds_under_its_role_and_a_reader_queries_it(  # type: 
         assert sum(r["events"] for r in json.loads(out.stdout)) == 12
         out = await asyncio.to_thread(mesh, reader, "projection", "rebuild", "t_counts",
                                       "--module", module)  # fmt: skip
-        assert out.returncode == 4, out.stdout + out.stderr
+        assert out.returncode == EXIT_FORBIDDEN, out.stdout + out.stderr
         assert "permission denied" in out.stderr
     finally:
         proc.close()

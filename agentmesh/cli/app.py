@@ -2,7 +2,8 @@
 become a red line and an exit code.
 
 Exit codes: 0 ok, 1 the operation failed, 2 bad input (usage, invalid payload),
-3 a server (Redis, PostgreSQL, Kafka) is unreachable, 4 the credential lacks the right.
+3 a server (Redis, PostgreSQL, Kafka) is unreachable, 4 backpressure, 5 the credential lacks
+the right.
 """
 
 from __future__ import annotations
