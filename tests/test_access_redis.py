@@ -258,3 +258,33 @@ def test_names_that_cannot_be_rules_are_refused_and_globs_escaped() -> None:
 
         for name in ("a-b", "a_b"):  # defined for this test only
             AGENTS.pop(name, None)
+
+
+async def test_a_budgeted_dependency_gets_its_bucket_and_no_other(stack, redis, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """budget.lua under the agent's user: its dependency's shared bucket, not another's."""
+    from agentmesh import Agent, Budget, DependencySpec
+    from agentmesh.access.plan import plan_for
+    from agentmesh.agents.agent import AGENTS
+    from agentmesh.bus.budget import Buckets
+    from agentmesh.schemas.registry import Registry
+
+    reg = Registry()
+    agent = Agent("budgeted", registry=reg,
+                  dependencies=[DependencySpec(name="gw", budget=Budget(rate=5))])  # fmt: skip
+    try:
+        (access,) = plan_for([agent], dlq_stream="mesh:dlq", reg=reg).agents
+    finally:
+        AGENTS.pop("budgeted", None)
+    assert access.budgets == ("gw",)
+    sec = Secrets(tmp_path / "s")
+    user = redis_acl.agent_user(access, "mesh:dlq")
+    await redis_acl.apply(redis, [user], sec)
+    client = Redis.from_url(redis_url_as(stack, user.name, sec))
+    try:
+        buckets = Buckets(client)
+        took = await buckets.take("gw", rate_per_s=5, burst=5, amount=1, max_wait_s=0)
+        assert took.granted
+        with pytest.raises(NoPermissionError):
+            await buckets.take("llm", rate_per_s=5, burst=5, amount=1, max_wait_s=0)
+    finally:
+        await client.aclose()

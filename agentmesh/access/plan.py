@@ -30,6 +30,7 @@ class AgentAccess:
     name: str
     reads: tuple[str, ...]  # input streams (its consumer group is its name)
     writes: tuple[str, ...]  # output streams
+    budgets: tuple[str, ...] = ()  # dependencies with a shared rate budget (mesh:budget:<name>)
 
     @property
     def redis_user(self) -> str:
@@ -69,7 +70,8 @@ def plan_for(
         writes = sorted(
             {s for t in a.emits | own_decisions if (s := reg.get(t).stream)} - {dlq_stream}
         )
-        out.append(AgentAccess(name=a.name, reads=reads, writes=tuple(writes)))
+        budgets = tuple(sorted(n for n, d in a.dependencies.items() if d.budget is not None))
+        out.append(AgentAccess(name=a.name, reads=reads, writes=tuple(writes), budgets=budgets))
     roles: dict[str, str] = {}
     for acc in out:
         if acc.pg_role in roles:

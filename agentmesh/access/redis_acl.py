@@ -3,7 +3,8 @@
 An agent's user can run its consumer group on its input streams (XREADGROUP, XACK, XCLAIM,
 XAUTOCLAIM, XPENDING, XINFO, XTRIM through trim.lua), XADD only to the streams it declares
 it emits (through publish.lua, with their dedup keys) and to the DLQ, and touch its own
-keys (failure history of its group's entries, its replicas' breaker reports). Redis 7
+keys (failure history of its group's entries, its replicas' breaker reports, the shared
+rate budgets of its dependencies). Redis 7
 selectors keep these apart: a command passes when the root permissions or one selector allow
 it with all its keys, and every command a Lua script runs is checked the same way, so an
 EVALSHA of publish.lua naming a stream the agent does not emit is refused.
@@ -33,7 +34,7 @@ CONNECTION = (
 #: What a consumer group runs on its input streams (trim.lua: EXISTS, XINFO, XPENDING, XTRIM).
 CONSUMER = (
     "+xreadgroup +xack +xclaim +xautoclaim +xpending +xgroup|create +xgroup|delconsumer "
-    "+xinfo|groups +xinfo|consumers +xinfo|stream +xtrim +exists +evalsha +script|load"
+    "+xinfo|groups +xinfo|consumers +xinfo|stream +xtrim +exists +evalsha +script|load +time"
 )
 #: What publish.lua runs: SET NX of the dedup key, XADD of the event.
 PUBLISH = "+evalsha +set +xadd"
@@ -86,6 +87,9 @@ def agent_user(a: AgentAccess, dlq_stream: str) -> AclUser:
     failures = [_key("~", f"mesh:failures:{s}:{group}:", "*") for s in a.reads]
     rules.append(_selector("+hsetnx +hset +hincrby +expire +hgetall +del", *failures))
     rules.append(_selector("+set", _key("~", f"mesh:breakers:{a.name}-", "*")))
+    if a.budgets:  # budget.lua: the shared token buckets of its dependencies (TIME is in root)
+        buckets = [_key("~", f"mesh:budget:{b}") for b in a.budgets]
+        rules.append(_selector("+evalsha +hmget +hget +hset +expire", *buckets))
     return AclUser(
         name=a.redis_user,
         rules=tuple(rules),
