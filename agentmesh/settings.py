@@ -95,6 +95,13 @@ class Settings(BaseSettings):
     relay_retry_max_s: float = Field(
         default=30.0, gt=0, description="largest relay backoff while Kafka is down"
     )
+    relay_lease_s: float = Field(
+        default=5.0,
+        ge=0.5,
+        description="a relay owns a partition for this long after each renewal (every round): "
+        "a relay that stops making progress (frozen, hung, cut off from the broker) loses its "
+        "partitions to the others after it, whether or not its connection is alive",
+    )
     outbox_retention_s: float = Field(
         default=7 * 86400.0, ge=0, description="published outbox rows older than this are pruned"
     )

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from agentmesh.outbox import kafka
 from agentmesh.outbox.relay_slots import SlotConfigMismatch
-from agentmesh.outbox.relay_state import RelayState, Row
+from agentmesh.outbox.relay_state import RelayState, Row, Sent
 
 
 class KafkaUnavailable(RuntimeError):
@@ -111,17 +111,23 @@ class KafkaLink(RelayState):
 
     async def _send_partition(
         self, producer: AIOKafkaProducer, partition: int, rows: Sequence[Row]
-    ) -> tuple[int, list[tuple[Row, int]], str | None]:
+    ) -> Sent:
         """Send rows as consecutive record batches, each after the previous one's ack; stop at
         the first failure. Returns the acked prefix with offsets, and the error if any.
+
+        Fencing: no batch is handed to the producer once this relay's lease on the partition
+        ran out by its own clock (`lease_valid`); the send stops there, `fenced`. What it had
+        handed over before (at most the one batch in flight) may still land: a duplicate with
+        the same event ids, which the new owner sends too, and whose mark is refused.
 
         An ack at an offset not above one acked before means the broker lost the records from
         that offset on. The rows this send had acked there are dropped from the result (they
         stay unpublished, so they go again), the loss is noted in `_lost` for the heal that
         runs before the round's mark (relay_heal), and the partition stops for this round:
         what follows goes next round, in id order with the rows the heal re-sends."""
-        acked: list[tuple[Row, int]] = []
+        sent = Sent(partition, [])
         last = self._high.get(partition, -1)
+        epoch = self.epochs.get(partition, 0)
         i = 0
         regressed = False
         while i < len(rows) and not regressed:
@@ -133,7 +139,7 @@ class KafkaLink(RelayState):
                     key=row.session_id.encode(),
                     value=row.envelope.encode(),
                     timestamp=None,
-                    headers=row.headers(),
+                    headers=row.headers(epoch),
                 )
                 if meta is None:
                     if not chunk:
@@ -142,22 +148,27 @@ class KafkaLink(RelayState):
                 chunk.append(row)
                 i += 1
             batch.close()
+            if not self.lease_valid(partition):
+                self.metrics.fenced_sends.inc()
+                sent.fenced = True
+                return sent
             try:
                 fut = await producer.send_batch(batch, self.s.audit_topic, partition=partition)
                 meta = await fut
             except Exception as exc:
                 self.metrics.send_failures.inc()
-                return partition, acked, f"{type(exc).__name__}: {exc}"
+                sent.error = f"{type(exc).__name__}: {exc}"
+                return sent
             if meta.offset <= last:
                 regressed = True
                 self.metrics.offset_regressions.inc()
-                kept = [(row, off) for row, off in acked if off < meta.offset]
-                self._note_lost(partition, meta.offset, last, dropped=len(acked) - len(kept))
-                acked = kept
+                kept = [(row, off) for row, off in sent.acked if off < meta.offset]
+                self._note_lost(partition, meta.offset, last, dropped=len(sent.acked) - len(kept))
+                sent.acked = kept
             last = meta.offset + len(chunk) - 1
             self._high[partition] = last
-            acked.extend((row, meta.offset + k) for k, row in enumerate(chunk))
-        return partition, acked, None
+            sent.acked.extend((row, meta.offset + k) for k, row in enumerate(chunk))
+        return sent
 
 
 async def _stop_quietly(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:

@@ -82,6 +82,7 @@ async def test_relay_publishes_rows_with_key_headers_and_recorded_offsets(
             "agent": "loadgen",
             "causation_id": "",
             "mesh-seq": seq[env.event_id],  # the outbox row's id: the session's commit order
+            "mesh-lease": "1",  # the partition's lease epoch: its first owner
         }
     # the relay recorded where each row went, and one index row per session
     rows = await pg.fetch("SELECT event_id::text, kafka_partition, kafka_offset FROM mesh_outbox")
