@@ -145,6 +145,7 @@ class RoundPublisher(Healing):
         await self._know_high(list(by_partition))
         if self._probe is not None:
             await self._touch(self._probe, list(by_partition))
+        faults.point("relay_before_send")
         sent = await asyncio.gather(
             *(self._send_partition(producer, p, rs) for p, rs in by_partition.items())
         )

@@ -92,13 +92,14 @@ RETURNING kafka_partition, epoch
 """
 
 # Renews the member row and every lease this relay still holds under its epoch; returns them.
-# `$7` (the last round failed on Kafka: no progress): renew only leases that already expired
-# without anyone taking them, so a relay that keeps failing leaves a window to the others.
+# `$7` (the last round failed on Kafka: no progress): the member row is not renewed (the others
+# stop counting this relay, so their fair share grows to take its partitions), and only leases
+# that already expired without anyone taking them are renewed: a window for the others.
 _RENEW_SQL = """
 WITH member AS (
     INSERT INTO mesh_relay_members (topic, token, name, counted, expires_at)
     VALUES ($1, $2, $8, $9, now() + make_interval(secs => $3))
-    ON CONFLICT (topic, token) DO UPDATE SET expires_at = EXCLUDED.expires_at
+    ON CONFLICT (topic, token) DO UPDATE SET expires_at = EXCLUDED.expires_at WHERE NOT $7
 ),
 renewed AS (
     UPDATE mesh_relay_leases l
@@ -246,8 +247,9 @@ class SlotOwnership(RelayState):
             await self._ensure_producer()
         conn = await self._conn()
         topic = self.s.audit_topic
-        await conn.execute(_JOIN_SQL, topic, self.token, self.name, self.member,
-                           self.s.relay_lease_s)  # fmt: skip
+        if not self.kafka_failing:  # a relay that cannot publish stops counting
+            await conn.execute(_JOIN_SQL, topic, self.token, self.name, self.member,
+                               self.s.relay_lease_s)  # fmt: skip
         self.relays = max(1, await conn.fetchval(_MEMBERS_SQL, topic))
         fair = self._fair_share()
         if len(self.owned) > fair:
