@@ -201,12 +201,12 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
                 log.info(f"relay: {server.name} at {server.address} answers", down_for_s=down_for)
 
     async def _idle(self, stop: asyncio.Event) -> None:
-        """Sleep until NOTIFY, the poll interval, or stop."""
+        """Sleep until NOTIFY, the poll interval, or stop; an idle relay still renews its
+        leases (each round does) well within their length."""
         waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        timeout = min(self.s.relay_poll_interval_s, self.s.relay_lease_s / 3)
         try:
-            await asyncio.wait(
-                waits, timeout=self.s.relay_poll_interval_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()

@@ -22,9 +22,11 @@ and its mark (the mark must be refused by the lease epoch checked in its stateme
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import socket
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,7 +43,7 @@ from agentmesh.schemas import registry
 from agentmesh.schemas.audit import ACTION
 from tests.audit_helpers import backlog, metric, read_topic, settings_from
 from tests.conftest import MeshProcess, eventually
-from tests.helpers import job
+from tests.helpers import job, mesh
 from tests.kafka_proxy import KafkaProxy
 
 StartRelay = Callable[..., MeshProcess]
@@ -192,10 +194,31 @@ async def _stopped_relay_loses_its_partitions(
     if fenced is not None:  # the fence that stopped the woken relay, as it counted it
         assert await metric(ports[0], fenced) > 0
 
+    await _status_shows_the_leases(env, ports[1], {relay_name(victim), relay_name(survivor)})
     late = await _no_late_send_or_mark_counts(s, pg)
     if late_records is not None:
         assert late == late_records
     await _replay_equals_the_action_log(s, pg)
+
+
+async def _status_shows_the_leases(env: dict[str, str], port: int, names: set[str]) -> None:
+    """`mesh relay status` and /metrics: each partition's owner, epoch, lease age, progress."""
+    out = await asyncio.to_thread(mesh, env, "relay", "status", "--json")
+    assert out.returncode == 0, out.stderr
+    parts = json.loads(out.stdout)["partitions"]
+    assert [p["partition"] for p in parts] == [0, 1, 2, 3]
+    assert {p["owner"] for p in parts} <= names and max(p["epoch"] for p in parts) >= 2
+    assert all(p["lease_age_s"] is not None and p["last_progress_s"] is not None for p in parts)
+    human = await asyncio.to_thread(mesh, env, "relay", "status")
+    assert human.returncode == 0 and "last progress" in human.stdout, human.stderr
+    text = await asyncio.to_thread(_scrape, port)
+    for gauge in ("lease_epoch", "lease_age_seconds", "lease_last_progress_seconds"):
+        assert text.count(f"mesh_relay_{gauge}{{") == 4, text
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
 
 
 def _fields(line: str) -> dict[str, str]:
