@@ -7,7 +7,7 @@ One flat settings object keeps the knobs discoverable: `mesh config` prints them
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import (
@@ -78,11 +78,12 @@ class Settings(BaseSettings):
         default=False,
         description="Apache Kafka only: enable.idempotence (Tansu does not support it)",
     )
-    kafka_touch_partitions: bool = Field(
-        default=True,
-        description="ask for each partition's offsets before a relay round sends to it: Tansu "
+    kafka_touch_partitions: bool | Literal["auto"] = Field(
+        default="auto",
+        description="fetch once from each partition before a relay round sends to it: Tansu "
         "restarts a partition at offset 0 if it is produced to before it is read after a broker "
-        "restart (overwriting acked records); one cheap request per round, harmless on Kafka",
+        "restart (overwriting acked records); auto: on unless the broker answers ApiVersions "
+        "like Apache Kafka (OffsetForLeaderEpoch, DescribeLogDirs, CreatePartitions)",
     )
     kafka_request_timeout_ms: int = Field(default=30_000, ge=1000)
     relay_batch_size: int = Field(default=2000, ge=1, description="outbox rows per relay round")

@@ -11,11 +11,15 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.protocol.admin import ApiVersionRequest
 
 from agentmesh.outbox import kafka
 from agentmesh.outbox.relay_slots import SlotConfigMismatch
 from agentmesh.outbox.relay_state import RelayState, Row, Sent
+
+log = structlog.get_logger("agentmesh.relay")
 
 
 class KafkaUnavailable(RuntimeError):
@@ -43,7 +47,8 @@ class KafkaLink(RelayState):
                 await _stop_quietly(p)
                 raise
             self._producer = p
-        if self.s.kafka_touch_partitions and self._probe is None:
+            self.touching = await self._needs_probe(p)
+        if self.touching and self._probe is None:
             self._probe = await self._start_probe()
         if not self._partitions:
             parts = sorted(await self._producer.partitions_for(self.s.audit_topic))
@@ -54,6 +59,27 @@ class KafkaLink(RelayState):
                 self.slots = len(parts)
             self._partitions = parts
         return self._producer
+
+    async def _needs_probe(self, producer: AIOKafkaProducer) -> bool:
+        """Settings.kafka_touch_partitions, with "auto" decided by asking the broker which
+        APIs it serves (one request per new producer): Apache Kafka needs no probe."""
+        setting = self.s.kafka_touch_partitions
+        if setting != "auto":
+            return bool(setting)
+        try:
+            node = next(iter(producer.client.cluster.brokers())).nodeId
+            resp = await producer.client.send(node, ApiVersionRequest())
+            keys = {int(v[0]) for v in resp.api_versions}
+        except Exception as exc:  # unsure: probe, it costs one fetch per round
+            log.info("relay: partition probe on (ApiVersions failed)", error=_describe(exc))
+            return True
+        touching = needs_probe(keys)
+        if touching != self.touching:
+            log.info(
+                "relay: partition probe " + ("on (the broker is not Apache Kafka)" if touching
+                                             else "off (the broker is Apache Kafka)"),
+            )  # fmt: skip
+        return touching
 
     async def _start_probe(self) -> AIOKafkaConsumer:
         probe = kafka.probe_consumer(self.s)
@@ -76,7 +102,7 @@ class KafkaLink(RelayState):
 
         Tansu restarts a partition at offset 0, overwriting acked records, when it is produced
         to before anything fetched from it since the broker started; a fetch makes it load its
-        high watermark. ListOffsets does not. On Apache Kafka this is one cheap fetch."""
+        high watermark. ListOffsets does not. On Apache Kafka "auto" turns it off."""
         try:
             await self._fetch_once(probe, partitions)
         except OSError as exc:
@@ -169,6 +195,17 @@ class KafkaLink(RelayState):
             self._high[partition] = last
             sent.acked.extend((row, meta.offset + k) for k, row in enumerate(chunk))
         return sent
+
+
+#: APIs every Apache Kafka broker since 1.0 serves (OffsetForLeaderEpoch, DescribeLogDirs,
+#: CreatePartitions); Tansu serves none of them.
+KAFKA_APIS = frozenset({23, 35, 37})
+
+
+def needs_probe(api_keys: set[int]) -> bool:
+    """Whether a broker serving `api_keys` (its ApiVersions answer) gets the partition probe:
+    every broker that does not answer like Apache Kafka does (Tansu's restart bug)."""
+    return not KAFKA_APIS <= api_keys
 
 
 async def _stop_quietly(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:

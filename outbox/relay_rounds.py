@@ -143,7 +143,7 @@ class RoundPublisher(Healing):
         for row in rows:  # the slot is the partition: Kafka's own key partitioning
             by_partition.setdefault(row.session_hash % self.slots, []).append(row)
         await self._know_high(list(by_partition))
-        if self._probe is not None:
+        if self.touching and self._probe is not None:
             await self._touch(self._probe, list(by_partition))
         faults.point("relay_before_send")
         sent = await asyncio.gather(

@@ -120,6 +120,7 @@ class RelayState(ABC):
         self._lease_conn: asyncpg.Connection | None = None
         self._producer: AIOKafkaProducer | None = None
         self._probe: AIOKafkaConsumer | None = None
+        self.touching: bool | None = None  # the partition probe, decided per producer
         self._partitions: list[int] = []
         self._high: dict[int, int] = {}  # partition -> highest offset acked to this relay
         self._high_known: set[int] = set()  # partitions whose `_high` was looked up (relay_heal)
