@@ -42,7 +42,7 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        self.pool = await asyncpg.create_pool(self.s.postgres_dsn, min_size=1, max_size=3)
+        self.pool = await asyncpg.create_pool(self.s.postgres_dsn, min_size=1, max_size=4)
         await self._conn()
 
     async def prepare(self) -> None:
@@ -50,6 +50,7 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
         await self._ensure_producer()
 
     async def close(self) -> None:
+        await self.drop_prefetch()
         try:
             await self.settle()
         except Exception as exc:  # Postgres gone: those rows stay unpublished, sent again

@@ -110,6 +110,11 @@ class RelayMetrics:
             "Record batches not sent because this relay's lease on the partition ran out",
             registry=r,
         )
+        self.read_ahead = Counter(
+            "mesh_relay_rounds_read_ahead",
+            "Rounds whose rows were read while the previous round's sends waited for acks",
+            registry=r,
+        )
         self.fenced_rows = Counter(
             "mesh_relay_fenced_rows",
             "Acked rows whose mark was refused: another relay holds the partition's lease now",

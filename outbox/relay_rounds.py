@@ -109,14 +109,37 @@ class RoundPublisher(Healing):
 
     async def fetch(self) -> list[Row]:
         """The oldest unpublished rows of the partitions this relay may send to now."""
+        return await self._read(self._marking_ids)
+
+    async def _read(self, skip: list[int]) -> list[Row]:
         assert self.pool is not None
         parts = [p for p in sorted(self.owned) if self.lease_valid(p)]
         if not parts:
             return []
-        recs = await self.pool.fetch(
-            _FETCH_SQL, self.slots, parts, self.s.relay_batch_size, self._marking_ids
-        )
+        recs = await self.pool.fetch(_FETCH_SQL, self.slots, parts, self.s.relay_batch_size, skip)
         return [Row(**dict(r)) for r in recs]
+
+    async def _next_rows(self) -> list[Row]:
+        """This round's rows: read while the previous round's sends waited for their acks
+        (that round went through whole), else read now. Partitions this relay may no longer
+        send to are left out."""
+        task, self._prefetch = self._prefetch, None
+        if task is None:
+            return await self.fetch()
+        rows = await task
+        self.metrics.read_ahead.inc()
+        return [r for r in rows if self.lease_valid(r.session_hash % self.slots)]
+
+    async def drop_prefetch(self) -> None:
+        """Forget the rows read ahead: the round they followed did not go through whole, so
+        its unsent rows must go first."""
+        task, self._prefetch = self._prefetch, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # cancelled, or the read failed: nothing to keep
+                pass
 
     async def round(self, *, pipelined: bool = False) -> RoundResult:
         """Read the owned slots' oldest unpublished rows, send them, mark the acked ones.
@@ -125,8 +148,12 @@ class RoundPublisher(Healing):
         round skips these rows, and waits for this mark before it starts its own). Only after
         a round in which every batch was acked: after a failure nothing may overtake."""
         self._forget_given_back()
-        await self.renew()
-        rows = await self.fetch()
+        try:
+            await self.renew()
+        except BaseException:
+            await self.drop_prefetch()
+            raise
+        rows = await self._next_rows()
         res = RoundResult()
         if len(rows) < self.s.relay_batch_size:  # caught up in every partition without rows
             self._progressed({p for p in self.owned if self.lease_valid(p)}
@@ -146,9 +173,19 @@ class RoundPublisher(Healing):
         if self.touching and self._probe is not None:
             await self._touch(self._probe, list(by_partition))
         faults.point("relay_before_send")
-        sent = await asyncio.gather(
-            *(self._send_partition(producer, p, rs) for p, rs in by_partition.items())
-        )
+        if pipelined and len(rows) >= self.s.relay_batch_size:
+            # a backlog: read the next round's rows while these wait for their acks, so the
+            # broker is not left idle while Postgres reads (dropped unless this round goes
+            # through whole: then nothing it leaves unsent can be overtaken)
+            skip = self._marking_ids + [r.id for r in rows]
+            self._prefetch = asyncio.create_task(self._read(skip))
+        try:
+            sent = await asyncio.gather(
+                *(self._send_partition(producer, p, rs) for p, rs in by_partition.items())
+            )
+        except BaseException:
+            await self.drop_prefetch()
+            raise
         ids: list[int] = []
         parts: list[int] = []
         offsets: list[int] = []
@@ -161,6 +198,8 @@ class RoundPublisher(Healing):
                 res.failed_partitions[one.partition] = one.error
             if one.fenced:
                 res.fenced.add(one.partition)
+        if self._lost or res.failed_partitions or res.fenced:
+            await self.drop_prefetch()
         await self.settle()  # marks stay in order: the previous round's first
         if self._lost:  # the broker lost acked records: heal, then mark, in one transaction
             if ids:

@@ -131,6 +131,7 @@ class RelayState(ABC):
         self._wake = asyncio.Event()
         self._marking: asyncio.Task[None] | None = None  # the previous round's mark
         self._marking_ids: list[int] = []
+        self._prefetch: asyncio.Task[list[Row]] | None = None  # the next round's rows
         self.slots = 0  # the topic's partition count, once Kafka told it
         self.metrics.watch_leases(self.lease_samples)
 
