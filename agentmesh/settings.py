@@ -107,6 +107,21 @@ class Settings(BaseSettings):
         default=7 * 86400.0, ge=0, description="published outbox rows older than this are pruned"
     )
     outbox_prune_interval_s: float = Field(default=60.0, gt=0)
+    projection_batch_size: int = Field(
+        default=500, ge=1, description="audit records a projection folds per transaction"
+    )
+    projection_poll_interval_s: float = Field(
+        default=0.5, gt=0, description="how long a projection runner waits for new records"
+    )
+    projection_rebalance_interval_s: float = Field(
+        default=2.0, gt=0, description="how often projection runners re-share the partitions"
+    )
+    snapshot_every: int = Field(
+        default=1000,
+        ge=1,
+        description="events of a session between two state snapshots "
+        "(taken by `mesh projection run mesh_sessions`, used by `mesh replay --state`)",
+    )
     log_format: str = Field(default="console", pattern="^(console|json)$")
     log_level: str = "INFO"
 

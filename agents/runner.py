@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from agentmesh.agents.agent import Agent
 from agentmesh.agents.consumer import ConsumerLoop
 from agentmesh.agents.consumer_deps import ConsumerDeps
+from agentmesh.agents.group_gauges import sample_group_gauges
 from agentmesh.agents.metrics import Metrics
 from agentmesh.agents.periodic import Tick, run_periodic
 from agentmesh.agents.resilience import STATE_VALUE, Dependency
@@ -49,6 +50,7 @@ class Runner:
     def __init__(self, agent: Agent, settings: Settings) -> None:
         self.agent = agent
         self.settings = settings
+        agent.registry.max_bytes = settings.max_envelope_bytes  # what ctx.emit may make
         self.metrics = Metrics()
         self.breakers_changed = asyncio.Event()
         self.dependencies = {
@@ -238,10 +240,9 @@ class Runner:
         streams = self.loops[0].streams
         next_trim = time.monotonic() + s.trim_interval_s
         while not stop.is_set():
-            for stream in self.agent.streams:
-                info = await streams.group_info(stream)
-                self.metrics.pending.labels(self.agent.name, stream).set(info["pending"])
-                self.metrics.lag.labels(self.agent.name, stream).set(info["lag"])
+            await sample_group_gauges(
+                streams, self.agent.name, self.agent.streams, self.metrics, s.dlq_stream
+            )
             if time.monotonic() >= next_trim:
                 next_trim = time.monotonic() + s.trim_interval_s
                 for stream in self.agent.streams:

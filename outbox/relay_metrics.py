@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agentmesh.process.build_info import register_process_metrics
+
 
 @dataclass(frozen=True)
 class LeaseSample:
@@ -59,6 +61,7 @@ class _Leases(Collector):
         yield epoch
         yield age
         yield progress
+
 
 
 class RelayMetrics:
@@ -126,6 +129,7 @@ class RelayMetrics:
             registry=r,
             buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
         )
+        register_process_metrics(r, "relay")
 
     def watch_leases(self, sample: Callable[[], list[LeaseSample]]) -> None:
         """Serve each partition's owner, lease age and last progress from `sample()`."""

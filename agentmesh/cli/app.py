@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from rich.table import Table
 
 from agentmesh._version import __version__
-from agentmesh.cli import agent, audit, demo, dev, dlq, sessions, status
+from agentmesh.cli import agent, audit, demo, dev, dlq, projection, sessions, status
 from agentmesh.cli.common import (
     EXIT_FAILED,
     EXIT_INPUT,
@@ -69,6 +69,7 @@ app.add_typer(agent.agent_app, name="agent")
 app.add_typer(audit.relay_app, name="relay")
 app.add_typer(audit.outbox_app, name="outbox")
 app.add_typer(dlq.dlq_app, name="dlq")
+app.add_typer(projection.projection_app, name="projection")
 app.command("publish")(agent.publish)
 app.command("replay")(audit.replay)
 app.command("sessions")(sessions.sessions_cmd)

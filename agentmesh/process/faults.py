@@ -4,7 +4,8 @@ process die with SIGKILL semantics (os._exit, no cleanup) when it first reaches 
 
 Points: after_commit (Postgres committed, nothing published), after_publish (handoffs
 XADDed, input not acked), relay_after_ack (Kafka acked a round, rows not marked published),
-relay_before_send (a relay round read its rows, nothing sent yet).
+relay_before_send (a relay round read its rows, nothing sent yet),
+projection_mid_batch (a projection runner halfway through folding a batch, not committed).
 
 `MESH_CRASH_MODE=stop`: the process freezes there instead (SIGSTOP to itself, once), as a GC
 pause or a frozen VM would, until it gets SIGCONT.

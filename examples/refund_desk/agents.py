@@ -167,8 +167,13 @@ async def assess(c: Classified, ctx: Context) -> dict[str, Any]:
 
 @risk.handler("approval.decided")
 async def decided(d: ApprovalDecided, ctx: Context) -> dict[str, Any]:
-    ticket = Ticket.model_validate(d.context["ticket"])
-    hold_id = str(d.context["hold_id"])
+    """Runs only for the step risk itself stored, still open (the framework refuses any other
+    decision, agents/decisions.py); the ticket, its amount and the hold come from that step,
+    never from the decision message."""
+    if ctx.step is None:
+        raise NonRetryable("a decision reached risk without its stored step")
+    ticket = Ticket.model_validate(ctx.step.context["ticket"])
+    hold_id = str(ctx.step.context["hold_id"])
     if d.decision == "approve":
         ctx.emit(
             "refund.approved",
@@ -220,7 +225,6 @@ async def expire_waiting(tick: Tick) -> None:
             operator="deadline",
             step=w.step,
             reason="approval deadline passed",
-            context=w.context,
         )
         env = registry.make(
             w.decision_type,
@@ -269,7 +273,12 @@ async def _refund(key: str, ticket: Ticket) -> dict[str, Any]:
 
 
 @payments.handler("refund.approved", needs=["gateway"], timeout_s=30)
-async def pay(a: RefundApproved, ctx: Context) -> dict[str, Any]:
+async def pay(wire: RefundApproved, ctx: Context) -> dict[str, Any]:
+    # Pay what risk committed, not what the stream says: an approval XADDed by anyone else,
+    # or changed on the way, is dead-lettered with the reason (agents/provenance.py).
+    a = await ctx.verified_input(emitted_by="risk")
+    if not isinstance(a, RefundApproved):
+        raise NonRetryable(f"refund.approved loaded as {type(a).__name__}")
     key = f"refund:{a.ticket.ticket_id}"  # one per ticket: however often this runs, one payment
     try:
         paid = await ctx.call("gateway", _refund, key, a.ticket)

@@ -30,7 +30,7 @@ from agentmesh.schemas.ids import new_event_id
 from planner_writer.demo import replay_one
 from refund_desk.desk import Desk, start_desk, wait_ready
 from refund_desk.gateway_standin import paid_twice, read_ledger, request_json
-from refund_desk.report import next_steps, one_session, summary
+from refund_desk.report import next_steps, one_session, read_model, summary
 
 SETTLE_TIMEOUT_S = 90.0
 
@@ -125,6 +125,7 @@ def run_refund_demo(
         result.elapsed_s = time.monotonic() - started
         prefix = batch[0].session.rsplit("-", 1)[0] + "-"  # this run's sessions
         asyncio.run(summary(s, desk, result, prefix, console))
+        asyncio.run(read_model(s, console))
         session = asyncio.run(one_session(s, prefix, console))
         if session:
             asyncio.run(replay_one(s, session, console))
