@@ -63,7 +63,6 @@ class _Leases(Collector):
         yield progress
 
 
-
 class RelayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
