@@ -71,10 +71,11 @@ class KafkaLink(RelayState):
             resp = await producer.client.send(node, ApiVersionRequest())
             keys = {int(v[0]) for v in resp.api_versions}
         except Exception as exc:  # unsure: probe, it costs one fetch per round
-            log.info("relay: partition probe on (ApiVersions failed)", error=_describe(exc))
+            if self.member:
+                log.info("relay: partition probe on (ApiVersions failed)", error=_describe(exc))
             return True
         touching = needs_probe(keys)
-        if touching != self.touching:
+        if touching != self.touching and self.member:  # not from one-shot commands' output
             log.info(
                 "relay: partition probe " + ("on (the broker is not Apache Kafka)" if touching
                                              else "off (the broker is Apache Kafka)"),
