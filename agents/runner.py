@@ -27,13 +27,16 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from agentmesh import connect
 from agentmesh.agents.agent import Agent
+from agentmesh.agents.budget_gate import budget_paused
 from agentmesh.agents.consumer import ConsumerLoop
 from agentmesh.agents.consumer_deps import ConsumerDeps
 from agentmesh.agents.group_gauges import sample_group_gauges
 from agentmesh.agents.metrics import Metrics
 from agentmesh.agents.periodic import Tick, run_periodic
 from agentmesh.agents.resilience import STATE_VALUE, Dependency
+from agentmesh.bus.budget import Buckets
 from agentmesh.process.health import HealthServer
 from agentmesh.process.waiting import Misconfigured, Outages, Server, Waiter, outage_reason
 from agentmesh.settings import Settings
@@ -86,9 +89,12 @@ class Runner:
         return paused, probing
 
     def stream_modes(self) -> tuple[list[str], list[str]]:
+        """New entries are read from neither paused streams nor those whose every handler
+        needs an empty shared budget (entries parked for it still run when due)."""
         paused, probing = self.paused_streams()
-        normal = [s for s in self.agent.streams if s not in paused and s not in probing]
-        return normal, sorted(probing)
+        gated = budget_paused(self.agent, self.dependencies)
+        normal = [s for s in self.agent.streams if s not in paused | probing | gated]
+        return normal, sorted(probing - gated)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -105,8 +111,8 @@ class Runner:
         # A socket timeout above the XREADGROUP block time: a command sent on a connection that
         # died with its server (kill -9, a network cut) fails instead of waiting forever.
         try:
-            self.redis = Redis.from_url(
-                s.redis_url,
+            self.redis = connect.redis_client(
+                s,
                 decode_responses=False,
                 socket_timeout=s.block_ms / 1000 + 10,
                 socket_connect_timeout=5,
@@ -114,6 +120,10 @@ class Runner:
         except ValueError as exc:
             raise Misconfigured.of(redis_server, str(exc)) from exc
         self._closing.append(self.redis.aclose)
+        buckets = Buckets(self.redis)
+        for dep in self.dependencies.values():
+            dep.attach(buckets)
+        self.metrics.watch_budgets(self.agent.name, self.dependencies)
         self.http = HealthServer(
             host=s.http_host,
             port=s.http_port,
@@ -155,9 +165,7 @@ class Runner:
 
     async def _create_pool(self) -> asyncpg.Pool:
         s = self.settings
-        pool: asyncpg.Pool = await asyncpg.create_pool(
-            s.postgres_dsn, min_size=1, max_size=s.pg_pool_size
-        )
+        pool: asyncpg.Pool = await connect.pg_pool(s, min_size=1, max_size=s.pg_pool_size)
         return pool
 
     async def _prepare_streams(self) -> bool:
@@ -312,6 +320,7 @@ class Runner:
                     reason = str(bad.errors()[0]["msg"])
                 return False, f"{server.name} at {server.address} unreachable: {reason}"
         paused, _ = self.paused_streams()
+        paused |= budget_paused(self.agent, self.dependencies)
         return True, "ready" + (f" (paused: {', '.join(sorted(paused))})" if paused else "")
 
 

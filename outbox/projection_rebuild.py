@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from agentmesh import connect
 from agentmesh.outbox.projection import Projection
 from agentmesh.outbox.projection_apply import (
     ADMIN_CLASS,
@@ -114,8 +115,8 @@ class RebuildResult:
 async def rebuild(s: Settings, p: Projection, *, progress: Progress | None = None) -> RebuildResult:
     """Fold the whole log into a fresh table, then swap it in (one transaction)."""
     started = time.perf_counter()
-    admin = await asyncpg.connect(s.postgres_dsn)
-    pool = await asyncpg.create_pool(s.postgres_dsn, min_size=1, max_size=2)
+    admin = await connect.pg_connect(s)
+    pool = await connect.pg_pool(s, min_size=1, max_size=2)
     try:
         if not await admin.fetchval(
             "SELECT pg_try_advisory_lock($1, $2)", ADMIN_CLASS, key(p.name, "rebuild")
@@ -136,7 +137,7 @@ async def rebuild(s: Settings, p: Projection, *, progress: Progress | None = Non
 
 async def catch_up(s: Settings, p: Projection, *, progress: Progress | None = None) -> FoldResult:
     """Fold the live generation up to the log's current end, in this process."""
-    pool = await asyncpg.create_pool(s.postgres_dsn, min_size=1, max_size=2)
+    pool = await connect.pg_pool(s, min_size=1, max_size=2)
     try:
         async with pool.acquire() as conn:
             gen = await ensure(conn, p, s.audit_topic)

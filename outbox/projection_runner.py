@@ -26,6 +26,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from agentmesh import connect
 from agentmesh.outbox.projection import Projection
 from agentmesh.outbox.projection_apply import (
     MEMBER_CLASS,
@@ -44,7 +45,7 @@ log = structlog.get_logger("agentmesh.projection")
 
 def group_less_consumer(s: Settings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap,
+        **connect.kafka_kwargs(s),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -89,7 +90,7 @@ class ProjectionRunner:
         self._consumer: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
-        self._pool = await asyncpg.create_pool(self.s.postgres_dsn, min_size=1, max_size=2)
+        self._pool = await connect.pg_pool(self.s, min_size=1, max_size=2)
         async with self._pool.acquire() as conn:
             self.generation = await ensure(conn, self.p, self.s.audit_topic)
         self._consumer = group_less_consumer(self.s)
@@ -205,7 +206,7 @@ class ProjectionRunner:
             await self._seek(sorted(self.owned))
         if self._locks is None or self._locks.is_closed():
             self.owned.clear()
-            conn = await asyncpg.connect(self.s.postgres_dsn)
+            conn = await connect.pg_connect(self.s)
             await conn.execute("SELECT pg_advisory_lock_shared($1, $2)", MEMBER_CLASS,
                                key(self.p.name))  # fmt: skip
             self._locks = conn

@@ -28,6 +28,7 @@ import math
 import asyncpg
 import structlog
 
+from agentmesh import connect
 from agentmesh.outbox.relay_state import LeaseView, RelayState, lease_clock
 
 log = structlog.get_logger("agentmesh.relay")
@@ -161,7 +162,7 @@ class SlotOwnership(RelayState):
         """The lease connection: it holds this relay's liveness lock and hears NOTIFY. After a
         reconnect the relay keeps what it held: the next renewal says what is still its own.
         A half-set-up connection (its server went away in between) is closed, not left."""
-        conn = await asyncpg.connect(self.s.postgres_dsn)
+        conn = await connect.pg_connect(self.s)
         try:
             while not await conn.fetchval(
                 "SELECT pg_try_advisory_lock($1, $2)", LIVE_LOCK_CLASS, self.token

@@ -40,6 +40,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from agentmesh import connect
 from agentmesh.outbox import kafka
 from agentmesh.schemas.audit import ACTION, OPERATOR
 from agentmesh.schemas.envelope import Envelope
@@ -199,7 +200,7 @@ async def _lookup(s: Settings, session_id: str) -> _Lookup | None:
     then covered by the spans: the mark writes both in one statement); None when Postgres
     cannot be reached."""
     try:
-        conn = await asyncpg.connect(s.postgres_dsn, timeout=5)
+        conn = await connect.pg_connect(s, timeout=5)
     except (OSError, asyncpg.PostgresError, TimeoutError):
         return None
     try:

@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncpg
 
+from agentmesh import connect
 from agentmesh.outbox.projection import Projection, ProjectionTx
 from agentmesh.outbox.replay import (
     Cursor,
@@ -103,7 +104,7 @@ async def covers(conn: asyncpg.Connection, topic: str, session_id: str, c: Curso
 
 async def _usable(s: Settings, session_id: str) -> Snapshot | None:
     try:
-        conn = await asyncpg.connect(s.postgres_dsn, timeout=5)
+        conn = await connect.pg_connect(s, timeout=5)
     except (OSError, asyncpg.PostgresError, TimeoutError):
         return None
     try:

@@ -36,6 +36,8 @@ from agentmesh.cli.common import (
 from agentmesh.client.errors import InvalidRequest, MeshError
 from agentmesh.devstack import StackError
 from agentmesh.outbox.replay import ReplayError
+from agentmesh.process import redact
+from agentmesh.settings import SECRET_FIELDS, Settings
 
 
 def _version(value: bool) -> None:
@@ -82,8 +84,8 @@ app.command("demo")(demo.demo)
 
 @app.command("config")
 def config(as_json: JsonOpt = False) -> None:
-    """Print the settings in force (environment, mesh.toml, defaults)."""
-    data = settings().model_dump()
+    """Print the settings in force (environment, mesh.toml, defaults); secrets as ***."""
+    data = config_view(settings())
     if as_json:
         emit_json(data)
         return
@@ -91,6 +93,15 @@ def config(as_json: JsonOpt = False) -> None:
     for k, v in data.items():
         table.add_row(safe(k), safe(v), safe(f"MESH_{k.upper()}"))
     out.print(table)
+
+
+def config_view(s: Settings) -> dict[str, Any]:
+    """The settings as `mesh config` shows them: a secret is "***" when set (None when not),
+    and a password inside the Redis URL or the DSN is masked."""
+    data = s.model_dump(mode="json")
+    for name in SECRET_FIELDS:
+        data[name] = None if data[name] is None else redact.MASK
+    return {k: redact.redact(v) if isinstance(v, str) else v for k, v in data.items()}
 
 
 def _is_usage_error(exc: Exception) -> bool:
@@ -107,7 +118,7 @@ def _is_usage_error(exc: Exception) -> bool:
 def _line(message: str, code: int) -> None:
     """The one line a failure prints: its message may quote values from the wire, so safe()
     (markup escaped, newlines and other control characters shown as escapes, cut)."""
-    err.print(f"[red]error:[/] {safe(message, 2000)}", highlight=False)
+    err.print(f"[red]error:[/] {safe(redact.redact(message), 2000)}", highlight=False)
     sys.exit(code)
 
 

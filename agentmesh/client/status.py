@@ -4,7 +4,8 @@ Streams are found with SCAN TYPE stream. The mesh's own are shown: those with a 
 group, and those its event types are registered on (a stream nobody consumes yet is worth
 seeing); `known=None` shows every stream in the database. Per group: lag and pending; per
 consumer: pending and idle time. Breaker states come from the short-lived reports each agent
-replica writes (agents/runner.py); the relay backlog and partition owners from Postgres.
+replica writes (agents/runner.py); shared budgets from their buckets (bus/budget.py); the
+relay backlog and partition owners from Postgres.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import ResponseError
 
 from agentmesh.agents.runner import BREAKER_REPORT_PREFIX
+from agentmesh.bus.budget import Buckets, BucketState
 from agentmesh.outbox.relay import LIVE_LOCK_CLASS
 
 if TYPE_CHECKING:
@@ -91,6 +93,7 @@ class MeshStatus:
     dlq: DlqDepth
     breakers: list[BreakerStatus]
     relay: RelayStatus
+    budgets: list[BucketState] = field(default_factory=list)  # shared rate budgets, by name
 
 
 def _s(value: Any) -> Any:
@@ -139,6 +142,7 @@ async def collect(mesh: Mesh, *, known: set[str] | None = None) -> MeshStatus:
         dlq=DlqDepth(stream=dlq_stream, depth=depth),
         breakers=sorted(breakers, key=lambda b: (b.agent, b.dependency, b.replica)),
         relay=await relay_status(mesh),
+        budgets=await Buckets(redis).states(),
     )
 
 

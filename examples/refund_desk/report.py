@@ -72,8 +72,8 @@ async def summary(
 
     m = await asyncio.to_thread(_scrape, desk.metrics_ports)
     ledger = read_ledger(desk.ledger)
-    _, gw = await asyncio.to_thread(http_get, desk.gateway_port, "/ledger")
-    calls = json.loads(gw)["calls"] if gw else "?"
+    gw = await desk.gateway_admin("GET", "/ledger")
+    calls = gw.body.get("calls", "?")
     actions, in_kafka, backlog, p50, p95 = figures
     r.breaker_openings = int(_sum(m, "mesh_breaker_opened_total", dependency="gateway"))
     mt = Table("figure", "value", "where it comes from", title="metrics")
