@@ -58,6 +58,8 @@ TABLES: dict[str, dict[str, str]] = {
     },
     "mesh_audit_index": {"mesh_relay": "SELECT, INSERT, UPDATE, DELETE"},
     "mesh_relay_config": {"mesh_relay": "SELECT, INSERT, UPDATE, DELETE"},
+    "mesh_relay_leases": {"mesh_relay": "SELECT, INSERT, UPDATE, DELETE"},
+    "mesh_relay_members": {"mesh_relay": "SELECT, INSERT, UPDATE, DELETE"},
     "mesh_schema_migrations": {},
     "mesh_agent_roles": {},  # which agent a role is: read by the row-security policies only
     # read models folded from the audit log (`mesh projection run|rebuild`)
