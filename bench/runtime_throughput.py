@@ -88,6 +88,7 @@ class Result:
     checks: list[str] = field(default_factory=list)
     key: str = ""
     half_s: float | None = None  # when half of the input was done
+    rss_mb: float | None = None  # the largest agent process's resident memory, once drained
 
     @property
     def halves(self) -> tuple[float, float] | None:
@@ -327,6 +328,14 @@ async def bench_runtime(stack: Stack, wires: Sequence[bytes], *, consumers: int)
     return res
 
 
+def rss_mb(pid: int) -> float:
+    """VmRSS of a process, in MB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 def agent_procs(cfg: devstack.StackConfig, n: int, log_dir: Path) -> MeshProcs:
     """`mesh agent run bench-agent` processes."""
     env = dict(os.environ)  # MESH_* knobs set by the caller apply here too
@@ -374,6 +383,7 @@ async def bench_processes(stack: Stack, wires: Sequence[bytes], *, procs: int) -
         await stack.redis.xgroup_setid(IN_STREAM, AGENT_NAME, "0", entries_read=0)
         await stack.redis.xadd(IN_STREAM, {b"envelope": wires[-1]})
         await stack.time_drain(res, t0, IN_STREAM, AGENT_NAME, alive=agents.check_alive)
+        res.rss_mb = max((rss_mb(p.pid) for p in agents.procs), default=None)
     finally:
         await asyncio.to_thread(agents.stop)
     await stack.check_out(res, len(wires))
@@ -558,6 +568,7 @@ async def run_all(args: argparse.Namespace, cfg: devstack.StackConfig) -> None:
             ("naive", "raw loop + tx per message", lambda: bench_raw(stack, naive, with_pg=True)),
             ("mesh1", "agentmesh consumers=1", lambda: bench_runtime(stack, wires, consumers=1)),
             ("mesh2", "agentmesh consumers=2", lambda: bench_runtime(stack, wires, consumers=2)),
+            ("procs1", "agentmesh x1 process", lambda: bench_processes(stack, wires, procs=1)),
             ("procs2", "agentmesh x2 processes", lambda: bench_processes(stack, wires, procs=2)),
             ("fs-batch", "FastStream batch", lambda: bench_faststream(stack, wires, batch=True)),
             ("fs-single", "FastStream", lambda: bench_faststream(stack, wires, batch=False)),
