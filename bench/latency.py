@@ -119,7 +119,7 @@ async def bench_raw_hop(stack: Stack, wires: Sequence[bytes], warmup: int) -> La
     await stack.create_group(IN_STREAM, RAW_GROUP)
     log_dir = Path(tempfile.mkdtemp(prefix="raw-hop-", dir=stack.cfg.root))
     with (log_dir / "raw-hop.log").open("wb") as log:
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: ASYNC220 (started once, returns at once)
             [sys.executable, str(HERE / "raw_hop.py"), stack.cfg.redis_url],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -108,7 +108,7 @@ def figures(
             ">= 1.2x",
             None if r is None else r >= 1.2,
             f"{_fmt(p1, ' msgs/s', 0)} vs {_fmt(fs, ' msgs/s', 0)}",
-        )  # fmt: skip
+        )
     )
     r = _ratio(p1, raw)
     out.append(
@@ -119,7 +119,7 @@ def figures(
             ">= 0.5x",
             None if r is None else r >= 0.5,
             f"{_fmt(p1, ' msgs/s', 0)} vs {_fmt(raw, ' msgs/s', 0)}",
-        )  # fmt: skip
+        )
     )
     r = _ratio(p2, raw)
     out.append(
@@ -130,7 +130,7 @@ def figures(
             ">= 0.8x",
             None if r is None else r >= 0.8,
             f"{_fmt(p2, ' msgs/s', 0)} vs {_fmt(raw, ' msgs/s', 0)}",
-        )  # fmt: skip
+        )
     )
     hop, raw_hop = lat.get("mesh-hop"), lat.get("raw-hop")
     h50 = hop.ms(0.5) if hop else None
@@ -144,7 +144,7 @@ def figures(
             "<= 2x",
             None if r is None else r <= 2.0,
             f"{_fmt(h50, ' ms')} vs {_fmt(r50, ' ms')}",
-        )  # fmt: skip
+        )
     )
     chain = lat.get("chain")
     c50 = chain.ms(0.5) if chain else None
@@ -158,7 +158,7 @@ def figures(
             "<= 8 ms / <= 20 ms",
             met,
             f"{len(chain.samples) if chain else 0} messages, one at a time",
-        )  # fmt: skip
+        )
     )
     rr, rw = relay.get("proc1"), relay.get("raw1")
     r = _ratio(rr.rate if rr else None, rw.rate if rw else None)
@@ -171,7 +171,7 @@ def figures(
             None if r is None else r >= 0.75,
             f"{_fmt(rr.rate if rr else None, ' records/s', 0)} vs "
             f"{_fmt(rw.rate if rw else None, ' records/s', 0)}",
-        )  # fmt: skip
+        )
     )
     rss = tp["procs1"].rss_mb if "procs1" in tp else None
     out.append(
@@ -182,7 +182,7 @@ def figures(
             "<= 80 MB",
             None if rss is None else rss <= 80,
             "VmRSS of the one-process row, drained",
-        )  # fmt: skip
+        )
     )
     return out
 
