@@ -93,8 +93,6 @@ class ConsumerLoop:
             agent=deps.agent.name,
             schedule=self._schedule,
         )
-        reg = deps.agent.registry
-        self._action_version = reg.get(ACTION).version if ACTION in reg else 1
         self.retries: list[_Retry] = []
         self._seq = itertools.count()
         self._latency_children: dict[str, Any] = {}
@@ -147,11 +145,13 @@ class ConsumerLoop:
             if not batch and time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + claim_every
                 batch, suspects = await self._reclaim(limit)
+            fresh = False
             if not batch and not suspects:
                 wait = min(claim_every, self._time_to_next_retry())
                 batch = await self._read_new(wait, limit)
+                fresh = True
             if batch:
-                await self.admit(batch)
+                await self.admit(batch, fresh=fresh)
             if suspects:
                 give_up = lambda: stop.is_set() or commit.done()  # noqa: E731
                 await run_alone(suspects, self, claim_idle_ms=s.claim_idle_ms, give_up=give_up)
@@ -246,7 +246,8 @@ class ConsumerLoop:
         )
 
     # -- admission ----------------------------------------------------------------------------
-    async def admit(self, batch: Sequence[StreamEntry]) -> None:
+    async def admit(self, batch: Sequence[StreamEntry], *, fresh: bool = False) -> None:
+        """`fresh`: the batch is new entries from XREADGROUP (first deliveries)."""
         agent, s = self.deps.agent, self.deps.settings
         dead: list[DeadLetter] = []
         ready: list[tuple[StreamEntry, Decoded, HandlerSpec]] = []
@@ -279,10 +280,13 @@ class ConsumerLoop:
                 dead.append(self.failures.letter(e, exc, "decode_error"))
         await self.failures.dead_letter(dead)
 
-        # redeliveries of work already committed: re-send what is stored, do not run again
+        # redeliveries of work already committed: re-send what is stored, do not run again.
+        # A first delivery of an event's first copy on its stream cannot have been committed
+        # (nothing else carried that idempotency key): it skips the Postgres look-up.
+        first = await self._first_copies(ready) if fresh else set()
         try:
             stored = await self.uow.stored_handoffs(
-                [d.envelope.idempotency_key for _, d, _ in ready]
+                [d.envelope.idempotency_key for e, d, _ in ready if (e.stream, e.id) not in first]
             )
         except Exception as exc:  # Postgres unavailable: keep the entries (uncounted), back off
             log.error("redelivery look-up failed; parking entries", error=_describe(exc))
@@ -307,6 +311,20 @@ class ConsumerLoop:
             task = asyncio.create_task(self._handle(e, d, spec))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    async def _first_copies(
+        self, ready: Sequence[tuple[StreamEntry, Decoded, HandlerSpec]]
+    ) -> set[tuple[str, str]]:
+        """Entries whose work cannot be committed yet: delivered once, their idempotency key
+        is their event id, and they are the first copy of that event on their stream
+        (Streams.first_copies). Any other entry is looked up in Postgres."""
+        return await self.streams.first_copies(
+            [
+                (e, d.envelope.event_id)
+                for e, d, _ in ready
+                if e.deliveries == 1 and d.envelope.idempotency_key == d.envelope.event_id
+            ]
+        )
 
     # -- handling -----------------------------------------------------------------------------
     async def _handle(self, entry: StreamEntry, decoded: Decoded, spec: HandlerSpec) -> None:
@@ -370,7 +388,7 @@ class ConsumerLoop:
         audit = runtime_envelope(
             registry,
             ACTION,
-            self._action_version,
+            registry.get(ACTION).version,
             action,
             session_id=env.session_id,
             causation_id=env.event_id,

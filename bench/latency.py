@@ -10,6 +10,7 @@ driver. The first `warmup` messages are not counted (connections, prepared state
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -35,6 +36,8 @@ from bench_agent import (
 from redis.asyncio import Redis
 from runtime_throughput import HERE, RAW_GROUP, ROOT, Stack, blocked_readers
 
+from agentmesh.bus.entry import Outgoing
+from agentmesh.bus.streams import Streams
 from agentmesh.schemas import registry
 
 READ_TIMEOUT_MS = 20_000
@@ -66,16 +69,30 @@ def chain_inputs(n: int) -> list[bytes]:
 
 
 async def drive(
-    url: str, in_stream: str, out_stream: str, wires: Sequence[bytes], warmup: int
+    url: str,
+    in_stream: str,
+    out_stream: str,
+    wires: Sequence[bytes],
+    warmup: int,
+    *,
+    mesh: bool,
 ) -> list[float]:
-    """One message at a time; seconds from XADD to the output's arrival, after warm-up."""
+    """One message at a time; seconds from XADD to the output's arrival, after warm-up.
+
+    `mesh`: publish as the mesh does (`mesh publish`, Mesh.publish): the deduplicating XADD
+    of bus/lua/publish.lua; else a plain XADD."""
     w, r = Redis.from_url(url), Redis.from_url(url)
+    bus = Streams(w, group="bench-driver", consumer="driver")
     last: Any = "0-0"
     out: list[float] = []
     try:
         for i, wire in enumerate(wires):
+            event_id = json.loads(wire)["event_id"]
             t0 = time.perf_counter()
-            await w.xadd(in_stream, {b"envelope": wire})
+            if mesh:
+                await bus.publish([Outgoing(in_stream, event_id, wire)])
+            else:
+                await w.xadd(in_stream, {b"envelope": wire})
             reply: Any = await r.xread({out_stream: last}, count=1, block=READ_TIMEOUT_MS)
             took = time.perf_counter() - t0
             if not reply:
@@ -132,7 +149,9 @@ async def bench_raw_hop(stack: Stack, wires: Sequence[bytes], warmup: int) -> La
 
     try:
         await wait_readers(stack, 1, alive)
-        res.samples = await drive(stack.cfg.redis_url, IN_STREAM, OUT_STREAM, wires, warmup)
+        res.samples = await drive(
+            stack.cfg.redis_url, IN_STREAM, OUT_STREAM, wires, warmup, mesh=False
+        )
     finally:
         proc.terminate()
         try:
@@ -151,7 +170,9 @@ async def bench_mesh_hop(stack: Stack, wires: Sequence[bytes], warmup: int) -> L
     )
     try:
         await wait_readers(stack, 1, procs.check_alive)
-        res.samples = await drive(stack.cfg.redis_url, IN_STREAM, OUT_STREAM, wires, warmup)
+        res.samples = await drive(
+            stack.cfg.redis_url, IN_STREAM, OUT_STREAM, wires, warmup, mesh=True
+        )
     finally:
         await asyncio.to_thread(procs.stop)
     n = await stack.pg.fetchval("SELECT count(*) FROM mesh_actions")
@@ -179,7 +200,7 @@ async def bench_chain(stack: Stack, wires: Sequence[bytes], warmup: int) -> Late
     try:
         await wait_readers(stack, CHAIN_HOPS, alive)
         res.samples = await drive(
-            stack.cfg.redis_url, chain_stream(1), CHAIN_DONE_STREAM, wires, warmup
+            stack.cfg.redis_url, chain_stream(1), CHAIN_DONE_STREAM, wires, warmup, mesh=True
         )
     finally:
         await asyncio.gather(*(asyncio.to_thread(p.stop) for p in procs))

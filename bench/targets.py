@@ -372,10 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--messages", type=int, default=20_000, help="messages per throughput row")
-    ap.add_argument("--hops", type=int, default=300, help="messages per latency row")
+    ap.add_argument("--hops", type=int, default=500, help="messages per latency row")
     ap.add_argument("--warmup", type=int, default=20, help="latency messages not counted")
     ap.add_argument("--relay-rows", type=int, default=20_000, help="records for the relay rows")
-    ap.add_argument("--repeat", type=int, default=2, help="throughput runs per row (best kept)")
+    ap.add_argument("--repeat", type=int, default=3, help="throughput runs per row (best kept)")
     ap.add_argument("--no-write", action="store_true", help="print only, leave docs/ alone")
     ap.add_argument(
         "--skip",
