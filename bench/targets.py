@@ -283,7 +283,10 @@ async def run_all(args: argparse.Namespace, cfg: devstack.StackConfig) -> str:
                 except Exception as exc:
                     res = rt.Result(key, args.messages, note=_failed(exc))
                 res.key = key
-                _say(f"    {_fmt(res.rate, ' msgs/s', 0)} {res.note} {res.checks or ''}")
+                _say(
+                    f"    {_fmt(res.rate, ' msgs/s', 0)}, {_fmt(res.cpu_us, ' CPU us/msg', 0)} "
+                    f"{res.note} {res.checks or ''}"
+                )
                 old = tp.get(key)
                 if old is None or (res.rate or 0) > (old.rate or 0):
                     tp[key] = res
