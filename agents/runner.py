@@ -19,8 +19,8 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import structlog
@@ -41,21 +41,6 @@ BREAKER_REPORT_PREFIX = "mesh:breakers:"  # + replica name: {agent, replica, sta
 BREAKER_REPORT_TTL_S = 15
 
 log = structlog.get_logger("agentmesh.runner")
-
-T = TypeVar("T")
-
-
-def run_process(main: Coroutine[Any, Any, T]) -> T:
-    """Run a long-lived process's main coroutine (`mesh agent run`) on uvloop when it is
-    installed: its event loop, written in C on libuv, spends a fraction of asyncio's time per
-    task, timer and socket read, which is most of what an agent does per message
-    (docs/benchmarks.md). Without uvloop (it has no Windows build), plain asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 class Runner:

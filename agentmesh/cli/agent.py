@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from agentmesh.agents.runner import Runner, run_process
+from agentmesh.agents.runner import Runner
 from agentmesh.cli.common import (
     EXIT_FAILED,
     EXIT_INPUT,
@@ -51,7 +51,7 @@ def agent_run(
         overrides["consumers"] = consumers
     s = settings(**overrides)
     configure(fmt=s.log_format, level=s.log_level)
-    run_process(Runner(agents[name], s).run_forever())
+    run(Runner(agents[name], s).run_forever())
 
 
 @agent_app.command("list")
