@@ -44,6 +44,7 @@ from agentmesh.agents.consumer_deps import ConsumerDeps
 from agentmesh.agents.context import Context, runtime_envelope
 from agentmesh.agents.failures import Failures, HandlerTimeout, NoHandler, TooManyDeliveries
 from agentmesh.agents.isolation import process_gate, reclaim, run_alone
+from agentmesh.agents.session_metrics import observe_session_ends
 from agentmesh.bus.deadletter import DeadLetter
 from agentmesh.bus.entry import Outgoing, StreamEntry
 from agentmesh.bus.streams import Streams
@@ -433,6 +434,7 @@ class ConsumerLoop:
             by_key = {d.key: d.entry for d in group}
             failures += [(by_key[w.idempotency_key], exc) for w, exc in result.failed]
             await self.failures.failed(failures)
+            await observe_session_ends(self.deps.pool, m, name, result.committed)
         finally:
             for d in group:
                 self.inflight.pop((d.entry.stream, d.entry.id), None)

@@ -1,8 +1,20 @@
-"""Prometheus metrics of one agent process (served on /metrics)."""
+"""Prometheus metrics of one agent process (served on /metrics).
+
+Two kinds of series. Counters and histograms are this replica's own: `sum()` them over
+replicas. The group gauges (`mesh_group_lag`, `mesh_group_pending`, `mesh_dlq_depth`) are
+one value of the whole consumer group (or DLQ stream) that every replica samples from
+Redis, so N replicas export N copies of one number: aggregate them with
+`max by (agent, stream) (...)`, never `sum()` (docs/deploy.md, "Metrics").
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from agentmesh.process.build_info import register_process_metrics
+
+#: Group-scope gauges: one value per group, repeated by every replica; aggregate with max().
+GROUP_GAUGES = ("mesh_group_pending", "mesh_group_lag", "mesh_dlq_depth")
 
 
 class Metrics:
@@ -43,6 +55,13 @@ class Metrics:
             registry=r,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300),
         )
+        self.session_seconds = Histogram(
+            "mesh_session_seconds",
+            "End-to-end time of a session, from its first event to the handler that ended it",
+            ["agent", "outcome"],
+            registry=r,
+            buckets=(0.1, 0.5, 1, 2, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+        )
         self.batch_size = Histogram(
             "mesh_batch_size",
             "Entries per processed batch",
@@ -64,13 +83,23 @@ class Metrics:
         )
         self.pending = Gauge(
             "mesh_group_pending",
-            "Delivered, not yet acked entries of the group",
+            "Delivered, not yet acked entries of the group (group-wide, the same in every "
+            "replica: aggregate with max by (agent, stream))",
             ["agent", "stream"],
             registry=r,
         )
         self.lag = Gauge(
             "mesh_group_lag",
-            "Entries not yet delivered to the group",
+            "Entries not yet delivered to the group (group-wide, the same in every replica: "
+            "aggregate with max by (agent, stream))",
             ["agent", "stream"],
             registry=r,
         )
+        self.dlq_depth = Gauge(
+            "mesh_dlq_depth",
+            "Entries in the DLQ stream (mesh-wide, the same in every replica: aggregate with "
+            "max by (stream))",
+            ["stream"],
+            registry=r,
+        )
+        register_process_metrics(r, "agent")

