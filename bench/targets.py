@@ -214,7 +214,7 @@ def render(
         f"{info['postgres']} (fsync on, synchronous_commit {info['sync_commit']}), "
         f"Tansu {info.get('tansu', '?')} on s3rver {info.get('s3rver', '?')}",
         f"- redis-py {version('redis')} (hiredis {version('hiredis')}), asyncpg "
-        f"{version('asyncpg')}, pydantic {version('pydantic')}, uvloop {version('uvloop')}, "
+        f"{version('asyncpg')}, pydantic {version('pydantic')}, "
         f"aiokafka {version('aiokafka')}, FastStream {version('faststream')}",
         "",
         "| figure | measured | target | | from |",
