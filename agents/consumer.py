@@ -318,12 +318,17 @@ class ConsumerLoop:
     ) -> set[tuple[str, str]]:
         """Entries whose work cannot be committed yet: delivered once, their idempotency key
         is their event id, and they are the first copy of that event on their stream
-        (Streams.first_copies). Any other entry is looked up in Postgres."""
+        (Streams.first_copies). Any other entry is looked up in Postgres, and so is every
+        entry whose handler declares `needs` (it calls the outside world: a round trip saved
+        is noise next to that call, and such a handler keeps the stronger promise of never
+        running again for a copy whose work is committed)."""
         return await self.streams.first_copies(
             [
                 (e, d.envelope.event_id)
-                for e, d, _ in ready
-                if e.deliveries == 1 and d.envelope.idempotency_key == d.envelope.event_id
+                for e, d, spec in ready
+                if e.deliveries == 1
+                and not spec.needs
+                and d.envelope.idempotency_key == d.envelope.event_id
             ]
         )
 

@@ -53,3 +53,25 @@ async def test_a_copy_after_the_dedup_window_runs_again_and_records_once(
     assert await actions(pg, "worker") == 1  # its effect: once
     done = await stream_events(redis, "t:done")
     assert len(done) == 1 and done[0].causation_id == env.event_id  # stored handoff, deduped
+
+
+async def test_a_handler_that_calls_the_outside_world_never_runs_again_for_a_copy(
+    redis: Redis, pg: asyncpg.Connection, agents: Start
+) -> None:
+    from agentmesh.schemas import registry
+
+    env = registry.make("dep.call", {"n": 1}, session_id="s-dep")  # caller needs=["flaky"]
+    await publish(redis, [env])
+    agents("caller")
+    st = lambda: group_state(redis, "t:dep", "caller")  # noqa: E731
+
+    async def drained() -> bool:
+        s = await st()
+        return bool(s) and s["pending"] == 0 and s["lag"] == 0
+
+    await eventually(drained, what="drained")
+    await redis.delete(dedup_key("t:dep", env.event_id))
+    await publish(redis, [env])  # a first copy again, as far as Redis can tell
+    await eventually(drained, what="drained again")
+    assert int(await redis.get("t:dep-attempts") or 0) == 1  # looked up: not called again
+    assert await actions(pg, "caller") == 1
