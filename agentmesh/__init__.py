@@ -5,7 +5,9 @@ Kafka audit log. This page is the whole user surface:
   `RetryPolicy` (calls to the outside world), `NonRetryable`, `waiting`/`ended` (a step that
   waits on a human, the end of a session), `Tick` (periodic work);
 - running and operating a mesh: `Settings`/`load_settings`, and `Mesh`, the operator's client
-  (publish, follow, approve/reject, the DLQ, status, replay).
+  (publish, follow, approve/reject, the DLQ, status, replay);
+- read models folded from the audit log: `Projection` (name, table DDL, `@fold` function that
+  gets a `ReplayedEvent` and a `ProjectionTx`), run by `mesh projection run NAME`.
 
 Everything else is importable from its module (`agentmesh.agents`, `.bus`, `.outbox`,
 `.schemas`) but is not needed to write an agent.
@@ -15,6 +17,8 @@ from agentmesh._version import __version__
 from agentmesh.agents import Agent, Context, DependencySpec, NonRetryable, RetryPolicy
 from agentmesh.agents.periodic import Tick
 from agentmesh.client import Mesh
+from agentmesh.outbox.projection import Projection, ProjectionTx
+from agentmesh.outbox.replay import ReplayedEvent
 from agentmesh.schemas import registry
 from agentmesh.schemas.approval import Decision, decision_key, ended, waiting
 from agentmesh.settings import Settings, load_settings
@@ -26,6 +30,9 @@ __all__ = [
     "DependencySpec",
     "Mesh",
     "NonRetryable",
+    "Projection",
+    "ProjectionTx",
+    "ReplayedEvent",
     "RetryPolicy",
     "Settings",
     "Tick",

@@ -7,9 +7,9 @@ One flat settings object keeps the knobs discoverable: `mesh config` prints them
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -17,13 +17,89 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from agentmesh import secret_files
+from agentmesh.process import redact
+
+#: The settings that hold a secret: SecretStr, redacted everywhere, each also MESH_X_FILE.
+SECRET_FIELDS = ("redis_password", "postgres_password", "kafka_sasl_password",
+                 "kafka_ssl_key_password")  # fmt: skip
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore")
+    # hide_input_in_errors: a validation error would otherwise quote every setting, secrets too
+    model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore", hide_input_in_errors=True)
 
-    redis_url: str = "redis://127.0.0.1:6390/0"
-    postgres_dsn: str = "postgresql://mesh@127.0.0.1:5440/mesh"
-    kafka_bootstrap: str = "127.0.0.1:9093"
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6390/0",
+        description="redis://, or rediss:// for TLS; keep the password in MESH_REDIS_PASSWORD "
+        "(one in the URL works too, and is redacted in output)",
+    )
+    postgres_dsn: str = Field(
+        default="postgresql://mesh@127.0.0.1:5440/mesh",
+        description="libpq URL; keep the password in MESH_POSTGRES_PASSWORD (redacted in output)",
+    )
+    kafka_bootstrap: str = Field(
+        default="127.0.0.1:9093", description="host:port[,host:port...] of the Kafka brokers"
+    )
+    # -- TLS and authentication (agentmesh/connect.py builds every client from these). Every
+    # secret X can also come from a file named by MESH_X_FILE (Docker/Kubernetes secrets).
+    redis_username: str | None = Field(default=None, description="Redis ACL user (AUTH user pw)")
+    redis_password: SecretStr | None = Field(
+        default=None, description="Redis password (or MESH_REDIS_PASSWORD_FILE)"
+    )
+    redis_ssl_ca_file: str | None = Field(
+        default=None, description="CA bundle that signed the Redis server's certificate (rediss)"
+    )
+    redis_ssl_cert_file: str | None = Field(
+        default=None, description="client certificate, when Redis has tls-auth-clients yes"
+    )
+    redis_ssl_key_file: str | None = Field(default=None, description="key of that certificate")
+    postgres_password: SecretStr | None = Field(
+        default=None, description="PostgreSQL password (or MESH_POSTGRES_PASSWORD_FILE)"
+    )
+    postgres_sslmode: (
+        Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None
+    ) = Field(default=None, description="libpq sslmode; unset: the DSN's, else prefer")
+    postgres_sslrootcert: str | None = Field(
+        default=None, description="CA bundle for verify-ca / verify-full"
+    )
+    postgres_sslcert: str | None = Field(default=None, description="client certificate file")
+    postgres_sslkey: str | None = Field(default=None, description="key of that certificate")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="SSL / SASL_SSL encrypt; SASL_* authenticate"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        default="PLAIN", description="with SASL_*: how the user authenticates"
+    )
+    kafka_sasl_username: str | None = Field(default=None, description="SASL user (or API key)")
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="SASL password or API secret (or MESH_KAFKA_SASL_PASSWORD_FILE)"
+    )
+    kafka_ssl_ca_file: str | None = Field(
+        default=None, description="CA bundle for the brokers (unset: the system's trust store)"
+    )
+    kafka_ssl_cert_file: str | None = Field(
+        default=None, description="client certificate (mutual TLS, e.g. Aiven)"
+    )
+    kafka_ssl_key_file: str | None = Field(default=None, description="key of that certificate")
+    kafka_ssl_key_password: SecretStr | None = Field(
+        default=None, description="password of an encrypted key file (or ..._FILE)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        """MESH_X_FILE names a file holding the secret X (the Docker/Kubernetes convention)."""
+        return secret_files.read_into(data, SECRET_FIELDS)
+
+    @model_validator(mode="after")
+    def _remember_secrets(self) -> Settings:
+        """Whatever prints (logs, CLI errors) redacts the secrets this process holds."""
+        redact.remember(
+            *(s.get_secret_value() for f in SECRET_FIELDS if (s := getattr(self, f)) is not None),
+            *redact.url_passwords(self.redis_url, self.postgres_dsn),
+        )
+        return self
 
     dev_root: str = Field(
         default=".mesh", description="data dir of `mesh dev` (inside the project)"
@@ -102,6 +178,21 @@ class Settings(BaseSettings):
         default=7 * 86400.0, ge=0, description="published outbox rows older than this are pruned"
     )
     outbox_prune_interval_s: float = Field(default=60.0, gt=0)
+    projection_batch_size: int = Field(
+        default=500, ge=1, description="audit records a projection folds per transaction"
+    )
+    projection_poll_interval_s: float = Field(
+        default=0.5, gt=0, description="how long a projection runner waits for new records"
+    )
+    projection_rebalance_interval_s: float = Field(
+        default=2.0, gt=0, description="how often projection runners re-share the partitions"
+    )
+    snapshot_every: int = Field(
+        default=1000,
+        ge=1,
+        description="events of a session between two state snapshots "
+        "(taken by `mesh projection run mesh_sessions`, used by `mesh replay --state`)",
+    )
     log_format: str = Field(default="console", pattern="^(console|json)$")
     log_level: str = "INFO"
 

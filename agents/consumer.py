@@ -42,8 +42,10 @@ from pydantic_core import to_jsonable_python
 from agentmesh.agents.agent import HandlerSpec
 from agentmesh.agents.consumer_deps import ConsumerDeps
 from agentmesh.agents.context import Context, runtime_envelope
+from agentmesh.agents.decisions import refused_key, run_guarded
 from agentmesh.agents.failures import Failures, HandlerTimeout, NoHandler, TooManyDeliveries
 from agentmesh.agents.isolation import process_gate, reclaim, run_alone
+from agentmesh.agents.oversize import oversize
 from agentmesh.agents.session_metrics import observe_session_ends
 from agentmesh.bus.deadletter import DeadLetter
 from agentmesh.bus.entry import Outgoing, StreamEntry
@@ -72,6 +74,11 @@ class _Done:
     entry: StreamEntry
     key: str
     outcome: Work | Exception
+
+    @property
+    def record_key(self) -> str:
+        """The key its action is committed under (a refused decision has its own)."""
+        return self.outcome.idempotency_key if isinstance(self.outcome, Work) else self.key
 
 
 class ConsumerLoop:
@@ -255,6 +262,9 @@ class ConsumerLoop:
         keys: set[str] = set()
         for e in batch:  # whatever goes wrong with one entry is that entry's, not the batch's
             try:
+                if too_big := oversize(e, s.max_envelope_bytes):  # before anything parses it
+                    dead.append(self.failures.letter(*too_big, "oversize", with_tb=False))
+                    continue
                 if e.deliveries > s.max_deliveries:
                     raise TooManyDeliveries(
                         f"delivered {e.deliveries} times (max {s.max_deliveries}) without "
@@ -352,6 +362,7 @@ class ConsumerLoop:
             emits=deps.agent.emits,
             dependencies=deps.dependencies,
             deliveries=entry.deliveries,
+            pool=deps.pool,
         )
         limit = spec.timeout_s or deps.settings.handler_timeout_s
         started = time.perf_counter()
@@ -368,7 +379,7 @@ class ConsumerLoop:
 
         timer = asyncio.get_running_loop().call_later(limit, expire)
         try:
-            result: Any = await spec.fn(decoded.payload, ctx)
+            result: Any = await run_guarded(spec.fn, decoded.payload, ctx)
         except asyncio.CancelledError:
             if not expired or task is None:
                 raise
@@ -401,7 +412,7 @@ class ConsumerLoop:
             source=deps.agent.name,
         )
         return Work(
-            idempotency_key=env.idempotency_key,
+            idempotency_key=refused_key(env) if ctx.refused else env.idempotency_key,
             input=env,
             stream=entry.stream,
             entry_id=entry.id,
@@ -431,12 +442,12 @@ class ConsumerLoop:
             await self.streams.publish(outgoing)
             faults.point("after_publish")
             ok = {w.idempotency_key for w in result.committed} | set(result.duplicates)
-            await self.streams.ack([d.entry for d in group if d.key in ok])
+            await self.streams.ack([d.entry for d in group if d.record_key in ok])
             for etype, n in Counter(w.input.type for w in result.committed).items():
                 m.processed.labels(name, etype).inc(n)
             if result.duplicates:
                 m.duplicates.labels(name).inc(len(result.duplicates))
-            by_key = {d.key: d.entry for d in group}
+            by_key = {d.record_key: d.entry for d in group}
             failures += [(by_key[w.idempotency_key], exc) for w, exc in result.failed]
             await self.failures.failed(failures)
             await observe_session_ends(self.deps.pool, m, name, result.committed)

@@ -1,18 +1,25 @@
 """What a handler gets besides its typed payload: the session, a way to emit events, the
-idempotency key to hand to external services, a logger and the dependency breakers."""
+idempotency key to hand to external services, a logger and the dependency breakers; for a
+decision, the step the agent stored (`step`), and for any input, the copy another agent
+committed (`verified_input`), so nothing that moves money is taken from the wire."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import asyncpg
 import structlog
 from pydantic import BaseModel
 
+from agentmesh.agents.provenance import stored_by
 from agentmesh.agents.resilience import Dependency
 from agentmesh.schemas.envelope import Envelope
 from agentmesh.schemas.errors import Oversize
 from agentmesh.schemas.registry import Registry
+
+if TYPE_CHECKING:
+    from agentmesh.agents.decisions import StoredStep
 
 T = TypeVar("T")
 
@@ -27,6 +34,7 @@ class Context:
         emits: set[str],
         dependencies: dict[str, Dependency],
         deliveries: int,
+        pool: asyncpg.Pool | None = None,
     ) -> None:
         self.agent = agent
         self.envelope = envelope
@@ -40,6 +48,11 @@ class Context:
         self.emitted: list[tuple[str, Envelope]] = []  # handoffs: (stream, event)
         self.recorded: list[Envelope] = []  # audit-only events (their type has no stream)
         self._log: Any = None
+        self.pool = pool
+        self.step: StoredStep | None = None
+        """For a decision: the waiting step this agent stored (agents/decisions.py)."""
+        self.refused: str | None = None
+        """Why this input was refused without running the handler (a forged decision)."""
 
     @property
     def log(self) -> Any:
@@ -89,6 +102,15 @@ class Context:
     ) -> T:
         """Call `fn` through the named dependency's breaker, with its retry policy."""
         return await self._deps[dependency].call(fn, *args, **kwargs)
+
+    async def verified_input(self, *, emitted_by: str) -> BaseModel:
+        """This input's payload as agent `emitted_by` committed it to its outbox; raises
+        `NotEmittedBy` (dead-lettered with the reason) for an event it never emitted, or one
+        whose content differs (agents/provenance.py)."""
+        if self.pool is None:
+            raise RuntimeError("verified_input needs the agent's Postgres pool")
+        stored = await stored_by(self.pool, self.envelope, agent=emitted_by)
+        return self._registry.load_payload(stored)
 
 
 def runtime_envelope(

@@ -27,6 +27,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from agentmesh import connect
 from agentmesh.agents.agent import Agent
 from agentmesh.agents.consumer import ConsumerLoop
 from agentmesh.agents.consumer_deps import ConsumerDeps
@@ -50,6 +51,7 @@ class Runner:
     def __init__(self, agent: Agent, settings: Settings) -> None:
         self.agent = agent
         self.settings = settings
+        agent.registry.max_bytes = settings.max_envelope_bytes  # what ctx.emit may make
         self.metrics = Metrics()
         self.breakers_changed = asyncio.Event()
         self.dependencies = {
@@ -104,8 +106,8 @@ class Runner:
         # A socket timeout above the XREADGROUP block time: a command sent on a connection that
         # died with its server (kill -9, a network cut) fails instead of waiting forever.
         try:
-            self.redis = Redis.from_url(
-                s.redis_url,
+            self.redis = connect.redis_client(
+                s,
                 decode_responses=False,
                 socket_timeout=s.block_ms / 1000 + 10,
                 socket_connect_timeout=5,
@@ -154,9 +156,7 @@ class Runner:
 
     async def _create_pool(self) -> asyncpg.Pool:
         s = self.settings
-        pool: asyncpg.Pool = await asyncpg.create_pool(
-            s.postgres_dsn, min_size=1, max_size=s.pg_pool_size
-        )
+        pool: asyncpg.Pool = await connect.pg_pool(s, min_size=1, max_size=s.pg_pool_size)
         return pool
 
     async def _prepare_streams(self) -> bool:

@@ -3,7 +3,8 @@ partition of a session and the record headers.
 
 Only features that both Apache Kafka and Tansu support are used by default: `acks=all`,
 explicit per-partition batches, plain fetches. The idempotent producer is opt-in
-(`MESH_KAFKA_IDEMPOTENT_PRODUCER`), because Tansu rejects InitProducerId.
+(`MESH_KAFKA_IDEMPOTENT_PRODUCER`), because Tansu rejects InitProducerId. Every client gets
+the connection settings (TLS, SASL) from `agentmesh.connect.kafka_kwargs`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import murmur2
 
+from agentmesh.connect import kafka_kwargs
 from agentmesh.settings import Settings
 
 #: Largest record batch the relay builds (one envelope is at most 256 KiB by default).
@@ -35,7 +37,7 @@ class TopicSetupError(RuntimeError):
 
 def producer(s: Settings) -> AIOKafkaProducer:
     return AIOKafkaProducer(
-        bootstrap_servers=s.kafka_bootstrap,
+        **kafka_kwargs(s),
         acks="all",
         enable_idempotence=s.kafka_idempotent_producer,
         max_batch_size=MAX_BATCH_BYTES,
@@ -49,7 +51,7 @@ def producer(s: Settings) -> AIOKafkaProducer:
 def consumer(s: Settings) -> AIOKafkaConsumer:
     """A group-less consumer: replay assigns partitions and seeks itself, commits nothing."""
     return AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap,
+        **kafka_kwargs(s),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -61,7 +63,7 @@ def consumer(s: Settings) -> AIOKafkaConsumer:
 def probe_consumer(s: Settings) -> AIOKafkaConsumer:
     """A consumer for tiny fetches that only learn each partition's high watermark."""
     return AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap,
+        **kafka_kwargs(s),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="latest",
@@ -76,9 +78,7 @@ def probe_consumer(s: Settings) -> AIOKafkaConsumer:
 async def ensure_topic(s: Settings) -> bool:
     """Create the audit topic with the configured partitions and retention when it is missing.
     Returns True when it was created now."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=s.kafka_bootstrap, request_timeout_ms=s.kafka_request_timeout_ms
-    )
+    admin = AIOKafkaAdminClient(**kafka_kwargs(s), request_timeout_ms=s.kafka_request_timeout_ms)
     await admin.start()
     try:
         if s.audit_topic in await admin.list_topics():

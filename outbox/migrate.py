@@ -12,6 +12,9 @@ from importlib.resources import files
 
 import asyncpg
 
+from agentmesh import connect
+from agentmesh.settings import Settings
+
 _LOCK_ID = 0x6D657368  # "mesh"
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -39,9 +42,9 @@ async def applied(conn: asyncpg.Connection) -> set[int]:
     return {r["version"] for r in await conn.fetch("SELECT version FROM mesh_schema_migrations")}
 
 
-async def migrate(dsn: str) -> list[Migration]:
+async def migrate(dsn: str | Settings) -> list[Migration]:
     """Apply pending migrations; returns the ones applied now (empty when up to date)."""
-    conn = await asyncpg.connect(dsn)
+    conn = await (connect.pg_connect(dsn) if isinstance(dsn, Settings) else asyncpg.connect(dsn))
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
         try:

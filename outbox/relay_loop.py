@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from agentmesh import connect
 from agentmesh.outbox.relay_housekeeping import Housekeeping
 from agentmesh.outbox.relay_kafka import KafkaLink, _describe
 from agentmesh.outbox.relay_rounds import RoundPublisher
@@ -42,7 +43,7 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        self.pool = await asyncpg.create_pool(self.s.postgres_dsn, min_size=1, max_size=3)
+        self.pool = await connect.pg_pool(self.s, min_size=1, max_size=3)
         await self._connect_locks()
 
     async def prepare(self) -> None:

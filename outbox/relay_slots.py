@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 import random
 
-import asyncpg
-
+from agentmesh import connect
 from agentmesh.outbox.relay_state import RelayState
 
 SLOT_LOCK_CLASS = 0x6D657372  # "mesr": (class, slot) advisory locks, one per owned slot
@@ -44,7 +43,7 @@ class SlotOwnership(RelayState):
     async def _connect_locks(self) -> None:
         """The connection that holds this relay's locks and hears NOTIFY; a half-set-up one
         (its server went away in between) is closed, not left behind."""
-        conn = await asyncpg.connect(self.s.postgres_dsn)
+        conn = await connect.pg_connect(self.s)
         try:
             if self.member:
                 await conn.execute("SELECT pg_advisory_lock_shared($1, 0)", MEMBER_LOCK_CLASS)

@@ -26,6 +26,8 @@ rows the outbox marked published to this topic. See `find_missing`.
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import dataclasses
 import heapq
 import time
@@ -38,6 +40,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from agentmesh import connect
 from agentmesh.outbox import kafka
 from agentmesh.schemas.audit import ACTION, OPERATOR
 from agentmesh.schemas.envelope import Envelope
@@ -93,6 +96,19 @@ class Replay:
     stopped_at: str | None = None  # the --until point, when one cut the timeline
     missing: list[MissingEvent] = field(default_factory=list)  # see find_missing
     stale_index: bool = False  # the index pointed past a partition's end: scanned instead
+    after: Cursor | None = None  # read only past this point (a snapshot's); None: everything
+    session_ends: dict[int, int] = field(default_factory=dict)  # partition -> last offset read
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a session snapshot ends: its last record's partition and offset, and the highest
+    mesh-seq folded into it. Replay from a cursor reads only the records after it and keeps
+    only events with a higher sequence (copies of older ones are already in the snapshot)."""
+
+    partition: int
+    offset: int
+    seq: int
 
 
 @dataclass(frozen=True)
@@ -124,6 +140,7 @@ class MissingEvent:
 class _OutboxRow:
     type: str
     state: str  # "pending" (not published yet), "here" (published to this topic), "elsewhere"
+    seq: int = 0  # the row's id
 
 
 @dataclass
@@ -183,7 +200,7 @@ async def _lookup(s: Settings, session_id: str) -> _Lookup | None:
     then covered by the spans: the mark writes both in one statement); None when Postgres
     cannot be reached."""
     try:
-        conn = await asyncpg.connect(s.postgres_dsn, timeout=5)
+        conn = await connect.pg_connect(s, timeout=5)
     except (OSError, asyncpg.PostgresError, TimeoutError):
         return None
     try:
@@ -195,7 +212,7 @@ async def _lookup(s: Settings, session_id: str) -> _Lookup | None:
                 session_id,
             )
             rows = await conn.fetch(
-                """SELECT event_id::text AS event_id, type,
+                """SELECT event_id::text AS event_id, type, id,
                           CASE WHEN published_at IS NULL THEN 'pending'
                                WHEN kafka_topic = $2 THEN 'here' ELSE 'elsewhere' END AS state
                    FROM mesh_outbox WHERE session_id = $1 ORDER BY id""",
@@ -209,7 +226,7 @@ async def _lookup(s: Settings, session_id: str) -> _Lookup | None:
     return _Lookup(
         spans=[(r[0], r[1], r[2]) for r in spans],
         unpublished=sum(1 for r in rows if r["state"] == "pending"),
-        rows={r["event_id"]: _OutboxRow(r["type"], r["state"]) for r in rows},
+        rows={r["event_id"]: _OutboxRow(r["type"], r["state"], r["id"]) for r in rows},
     )
 
 
@@ -220,14 +237,17 @@ async def replay_session(
     until: Until | None = None,
     use_index: bool = True,
     progress: Progress | None = None,
+    after: Cursor | None = None,
 ) -> Replay:
     """Read the session's events from Kafka, keep each event once, in causal order, and say
     which events the log shows should be there but are not (`Replay.missing`).
 
     `use_index=False` scans the session's partition instead of seeking to the ranges the
-    index recorded; Postgres is still asked which of the session's rows are published."""
+    index recorded; Postgres is still asked which of the session's rows are published.
+    `after` (a snapshot's cursor) reads only the session's records after it; `Replay.after`
+    is None when that could not be done (the broker lost records: the whole log was read)."""
     started = time.perf_counter()
-    rep = Replay(session_id=session_id, topic=s.audit_topic)
+    rep = Replay(session_id=session_id, topic=s.audit_topic, after=after)
     found = await _lookup(s, session_id)
     if found is not None:
         rep.unpublished = found.unpublished
@@ -246,17 +266,28 @@ async def replay_session(
             rep.spans = found.spans
         else:
             rep.spans = await _whole(consumer, s.audit_topic, [home])
+        if after is not None:
+            rep.spans = _past(rep.spans, after)
         try:
             events = await _read_events(consumer, rep, progress)
         except _StaleIndex:  # the broker lost records the index points to: scan instead
             parts = sorted({p for p, _, _ in rep.spans} | {home})
-            rep.used_index, rep.stale_index, rep.duplicates = False, True, 0
+            rep.used_index, rep.stale_index, rep.duplicates, rep.after = False, True, 0, None
             rep.spans = await _whole(consumer, s.audit_topic, parts)
             events = await _read_events(consumer, rep, progress)
     finally:
+        # a consumer stopped before its background task ever ran (nothing after a snapshot's
+        # cursor to read) raises CancelledError from stop(): let that task start first
+        await asyncio.sleep(0)
         await consumer.stop()
     events = causal_order(events)
-    rep.missing = find_missing(events, None if found is None else found.rows)
+    rows = None if found is None else found.rows
+    if rep.after is not None:  # what the snapshot holds is neither read nor missing
+        cut = rep.after.seq
+        rep.duplicates += sum(1 for e in events if e.seq is not None and e.seq <= cut)
+        events = [e for e in events if e.seq is None or e.seq > cut]
+        rows = None if rows is None else {k: r for k, r in rows.items() if r.seq > cut}
+    rep.missing = find_missing(events, rows)
     if until is not None:
         events, cut = until.cut(events)
         if cut and events:
@@ -264,6 +295,17 @@ async def replay_session(
     rep.events = events
     rep.elapsed_s = time.perf_counter() - started
     return rep
+
+
+def _past(spans: list[tuple[int, int, int]], c: Cursor) -> list[tuple[int, int, int]]:
+    """The parts of `spans` after the cursor (in its partition; a snapshot is only taken of a
+    session that lives in one partition)."""
+    out = []
+    for p, first, last in spans:
+        if p != c.partition or (0 <= last <= c.offset):
+            continue
+        out.append((p, max(first, c.offset + 1), last))
+    return out
 
 
 async def _whole(
@@ -285,6 +327,7 @@ async def _read_events(
         async for rec in _read_span(consumer, rep.topic, p, first, last, rep, progress):
             if rec.key != key:
                 continue
+            rep.session_ends[p] = max(rep.session_ends.get(p, -1), rec.offset)
             env = Envelope.model_validate_json(rec.value)
             seq = _seq(rec.headers)
             prior = by_id.get(env.event_id)
@@ -435,14 +478,19 @@ async def _read_span(
 
 
 def fold_state(
-    events: Iterable[ReplayedEvent], agents: Iterable[Any], registry: Registry = default_registry
+    events: Iterable[ReplayedEvent],
+    agents: Iterable[Any],
+    registry: Registry = default_registry,
+    *,
+    state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fold events through the projections the agents declared (`@agent.projection`)."""
+    """Fold events through the projections the agents declared (`@agent.projection`), from
+    `state` (a snapshot's, copied) or from nothing."""
     by_type: dict[str, list[Any]] = {}
     for agent in agents:
         for t, fns in agent.projections.items():
             by_type.setdefault(t, []).extend(fns)
-    state: dict[str, Any] = {}
+    state = copy.deepcopy(state) if state is not None else {}
     for e in events:
         fns = by_type.get(e.envelope.type)
         if fns:

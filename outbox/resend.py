@@ -21,8 +21,8 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 
+from agentmesh import connect
 from agentmesh.bus.entry import Outgoing
 from agentmesh.bus.streams import Streams
 from agentmesh.outbox.operator import NO_SESSION, record_operator_action
@@ -92,7 +92,7 @@ async def republish(
     """Mark the selected published rows unpublished, then relay them (this process takes every
     free slot; slots of running relays are theirs to send). Waits up to `wait_s`."""
     cond, args = sel.where(1)
-    conn = await asyncpg.connect(s.postgres_dsn)
+    conn = await connect.pg_connect(s)
     try:
         async with conn.transaction():
             ids: list[int] = [
@@ -144,8 +144,8 @@ async def redrive(
 ) -> ResendResult:
     """XADD the selected handoff rows onto their streams again, in outbox order."""
     cond, args = sel.where(1)
-    conn = await asyncpg.connect(s.postgres_dsn)
-    redis = Redis.from_url(s.redis_url)
+    conn = await connect.pg_connect(s)
+    redis = connect.redis_client(s)
     res = ResendResult()
     try:
         await _record(conn, actor, "outbox.redrive", sel)

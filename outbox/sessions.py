@@ -2,7 +2,8 @@
 deadline sweep read. Built on mesh_actions (kept for good), not on the outbox (pruned).
 
 A session is *ended* once a handler returned `ended(...)`, *waiting* while a handler's
-`waiting(...)` step has no later action of the decision type by the same agent, and
+`waiting(...)` step has no action by the same agent under the step's decision key
+(`decision:<session>:<step>`; a refused decision is recorded under a key of its own), and
 *running* otherwise.
 """
 
@@ -22,8 +23,9 @@ WHERE a.result ? 'waiting'
   AND ($2::float8 IS NULL OR (a.result->'waiting'->>'deadline')::float8 < $2)
   AND NOT EXISTS (
       SELECT 1 FROM mesh_actions d
-      WHERE d.session_id = a.session_id AND d.agent = a.agent AND d.id > a.id
-        AND d.input_type = a.result->'waiting'->>'decision_type')
+      WHERE d.agent = a.agent
+        AND d.idempotency_key
+            = 'decision:' || a.session_id || ':' || (a.result->'waiting'->>'step'))
 ORDER BY a.id
 LIMIT $3
 """

@@ -7,6 +7,13 @@ The decision type's payload model must subclass `Decision`. Every decision of on
 shares the idempotency key `decision:<session>:<step>`, so the first decision (a human's,
 or the deadline's) is acted on and any later one is skipped as a duplicate.
 
+A decision is never trusted from the message (anyone who can write to the stream can write
+one): before the handler runs, the framework checks it against the step the agent itself
+stored with `waiting(...)` (same session and step, still open, this decision type, the
+step's key, an `expire` only after the deadline) and hands the handler that step's stored
+`context` (also as `ctx.step`). Anything else is recorded as refused and does nothing
+(agents/decisions.py).
+
 A handler that ends the session returns `ended(outcome, reason)`.
 """
 
@@ -24,7 +31,8 @@ class Decision(BaseModel):
     operator: str = Field(min_length=1, max_length=200)
     reason: str = Field(default="", max_length=2000)
     step: str
-    context: dict[str, Any] = {}  # what the waiting step stored, handed back to it
+    context: dict[str, Any] = {}
+    """Ignored on the wire: the agent replaces it with the context its stored step holds."""
 
 
 def waiting(

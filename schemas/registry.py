@@ -57,6 +57,9 @@ class Registry:
     def __init__(self, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> None:
         self._types: dict[str, EventType] = {}
         self.max_bytes = max_bytes
+        """The largest envelope `make` builds and `decode` accepts. An agent process sets it
+        from `MESH_MAX_ENVELOPE_BYTES` (agents/runner.py); the `Mesh` client checks its own
+        settings' limit before every XADD."""
 
     def register(
         self, name: str, model: type[BaseModel], *, stream: str | None, version: int = 1

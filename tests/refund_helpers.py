@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from agentmesh import devstack
+from refund_desk.gateway_client import request_json
+from refund_desk.gateway_standin import Reply
 from tests.conftest import ROOT, AgentProcess
 from tests.helpers import mesh
 
@@ -27,6 +30,11 @@ class Gateway:
     ledger: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @classmethod
     def start(cls, tmp: Path, *args: str) -> Gateway:
@@ -44,7 +52,11 @@ class Gateway:
                 *args,
             ],
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT / "examples")},
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT / "examples"),
+                "GATEWAY_ADMIN_TOKEN": gw.admin_token,
+            },
             stdout=gw.log.open("wb"),
             stderr=subprocess.STDOUT,
         )
@@ -53,6 +65,10 @@ class Gateway:
             assert time.monotonic() < deadline, gw.log.read_text()
             time.sleep(0.05)
         return gw
+
+    async def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Reply:
+        """A call to the stand-in's /admin/* or /ledger, with its admin token."""
+        return await request_json(self.url, method, path, body=body, admin_token=self.admin_token)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -30,7 +30,6 @@ import refund_desk  # noqa: F401  (registers the desk's event types, for Mesh.pu
 from agentmesh import Mesh, devstack
 from agentmesh.outbox.replay import ReplayError
 from agentmesh.outbox.resend import Selection
-from refund_desk.gateway_standin import request_json
 from tests.audit_helpers import settings_from
 from tests.conftest import AgentProcess, MeshProcess, eventually
 from tests.refund_helpers import Desk, start_desk
@@ -115,8 +114,7 @@ async def _chaos_run(
             relay[0].kill9()
             relay[0] = relays()
         elif what == "gateway":
-            await request_json("127.0.0.1", desk.gateway.port, "POST", "/admin/outage",
-                               body={"seconds": 3})  # fmt: skip
+            await desk.gateway.admin("POST", "/admin/outage", {"seconds": 3})
         else:
             restart(victim(what))
 

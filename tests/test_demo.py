@@ -83,6 +83,10 @@ def test_refund_desk_demo_settles_every_ticket_pays_none_twice_and_stops(tmp_pat
     assert opened and int(opened.group(1)) >= 1, out  # the outage opened it, and it recovered
     assert re.search(r"events in the Kafka audit log\s+│ \d+ \(0 not yet relayed\)", out), out
     assert "replayed from the Kafka audit log" in out and "ticket.closed" in out
+    refunded = re.search(r"│ refunded\s+│ (\d+)\s+│\n", out)  # the outcomes, from Postgres
+    by_day = re.findall(r"│ [\d-]+ │ refunded\s+│ (\d+)\s+│", out)  # the read model, from Kafka
+    assert refunded and sum(map(int, by_day)) == int(refunded.group(1)), out
+    assert "open holds:" in out
     ledger = read_ledger(tmp_path / ".mesh" / "gateway-ledger.jsonl")
     assert ledger and paid_twice(ledger) == {}  # the gateway's own ledger
     assert _our_processes(tmp_path) == []

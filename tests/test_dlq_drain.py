@@ -166,8 +166,11 @@ async def test_drop_requires_a_reason_and_filters_select(
         ids[0],
     )
     assert rows[-1]["session_id"] == "operator"  # its envelope was unreadable
+    # that entry names t:other, but job.created travels on t:jobs: a retry does not move a
+    # planted entry to another stream; it is refused, reported, and stays
     table = mesh(env, "dlq", "retry", "--all")
-    assert table.returncode == 0 and "1 of 1 retried" in table.stdout
+    assert table.returncode == 1 and "0 of 1 retried" in table.stdout, table.stdout
+    assert "refused" in table.stdout and "travels on" in table.stdout
 
     # a message of a session that agents acted in and that has not ended: dropping it would
     # strand the session (a payment after its hold was placed), so only --force drops it

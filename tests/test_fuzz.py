@@ -10,6 +10,7 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -82,7 +83,7 @@ async def test_hostile_entries_fail_alone_and_valid_tickets_flow(
         vague: Counter[str] = Counter()
         wrong: list[tuple[str, str, str]] = []
         for e in entries:
-            (h, *_) = by_raw[e.raw] or [None]
+            (h, *_) = by_raw[e.raw] or _cut_from(by_raw, e.raw) or [None]
             assert h is not None, (
                 f"a DLQ entry that is not one of the hostile ones: {e.raw[:200]!r}"
             )
@@ -116,7 +117,7 @@ async def test_hostile_entries_fail_alone_and_valid_tickets_flow(
     assert len(json.loads(as_json.stdout)) == len(hostile)
     shown: set[str] = set()
     for e in entries:
-        kind = by_raw[e.raw][0].kind
+        kind = (by_raw[e.raw] or _cut_from(by_raw, e.raw))[0].kind
         if kind in shown:
             continue
         shown.add(kind)
@@ -124,3 +125,9 @@ async def test_hostile_entries_fail_alone_and_valid_tickets_flow(
             r = await asyncio.to_thread(mesh, desk.env, *args)
             assert r.returncode == 0, (kind, r.stderr[-2000:])
             assert "\x1b" not in r.stdout and "Traceback" not in r.stderr, kind
+
+
+def _cut_from(by_raw: dict[bytes, list[Any]], cut: bytes) -> list[Any]:
+    """The hostile entries an oversize DLQ copy was cut from (the DLQ keeps only its head)."""
+    return [h for raw, hs in by_raw.items() if len(raw) > len(cut) and raw.startswith(cut)
+            for h in hs]  # fmt: skip

@@ -146,12 +146,9 @@ async def test_a_session_waiting_past_its_deadline_is_compensated(
 async def test_gateway_outage_then_every_refund_is_paid_once(
     desk: Desk, pg: asyncpg.Connection, redis: Redis
 ) -> None:
-    from refund_desk.gateway_standin import request_json
-
     desk.publish("s-warm", **ticket(99))  # every agent is up and the path works
     await desk.until("s-warm", "ended", timeout=60)
-    down = await request_json("127.0.0.1", desk.gateway.port, "POST", "/admin/outage",
-                              body={"seconds": 10})  # fmt: skip
+    down = await desk.gateway.admin("POST", "/admin/outage", {"seconds": 10})
     assert down.status == 200
     sessions = [f"s-out-{i}" for i in range(12)]
     for i, s in enumerate(sessions):
@@ -182,12 +179,10 @@ async def test_payments_killed_mid_call_the_retry_after_restart_pays_once(
     """kill -9 of every payments replica while the gateway is paying: the gateway finishes the
     payment nobody hears about; a new replica reclaims the entry, calls again with the same
     idempotency key, gets the first answer back, and the ticket is refunded once."""
-    from refund_desk.gateway_standin import request_json
-
     desk.publish("s-kill", **ticket(21))
 
     async def in_flight() -> bool:
-        r = await request_json("127.0.0.1", desk.gateway.port, "GET", "/ledger")
+        r = await desk.gateway.admin("GET", "/ledger")
         return int(r.body["calls"]) >= 1 and not r.body["refunds"]
 
     await eventually(in_flight, timeout=30, interval=0.05, what="the payment call in flight")
@@ -204,7 +199,7 @@ async def test_payments_killed_mid_call_the_retry_after_restart_pays_once(
     ended = await desk.until("s-kill", "ended", timeout=60)
     assert ended["outcome"] == "refunded"
     assert desk.gateway.paid() == {"T-21": 1}  # called twice, paid once
-    calls = await request_json("127.0.0.1", desk.gateway.port, "GET", "/ledger")
+    calls = await desk.gateway.admin("GET", "/ledger")
     assert int(calls.body["calls"]) >= 2
     paid = [
         json.loads(f[b"envelope"])["payload"]
@@ -245,11 +240,8 @@ async def test_a_ticket_delivered_twice_or_resubmitted_is_paid_once(
 async def test_a_payment_dead_lettered_in_a_long_outage_is_retried_by_hand_and_paid_once(
     desk: Desk, pg: asyncpg.Connection, redis: Redis
 ) -> None:
-    from refund_desk.gateway_standin import request_json
-
     async def outage(seconds: float) -> None:
-        r = await request_json("127.0.0.1", desk.gateway.port, "POST", "/admin/outage",
-                               body={"seconds": seconds})  # fmt: skip
+        r = await desk.gateway.admin("POST", "/admin/outage", {"seconds": seconds})
         assert r.status == 200
 
     await outage(600)

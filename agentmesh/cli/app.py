@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from rich.table import Table
 
 from agentmesh._version import __version__
-from agentmesh.cli import agent, audit, demo, dev, dlq, sessions, status
+from agentmesh.cli import agent, audit, demo, dev, dlq, projection, sessions, status
 from agentmesh.cli.common import (
     EXIT_FAILED,
     EXIT_INPUT,
@@ -36,6 +36,8 @@ from agentmesh.cli.common import (
 from agentmesh.client.errors import InvalidRequest, MeshError
 from agentmesh.devstack import StackError
 from agentmesh.outbox.replay import ReplayError
+from agentmesh.process import redact
+from agentmesh.settings import SECRET_FIELDS, Settings
 
 
 def _version(value: bool) -> None:
@@ -69,6 +71,7 @@ app.add_typer(agent.agent_app, name="agent")
 app.add_typer(audit.relay_app, name="relay")
 app.add_typer(audit.outbox_app, name="outbox")
 app.add_typer(dlq.dlq_app, name="dlq")
+app.add_typer(projection.projection_app, name="projection")
 app.command("publish")(agent.publish)
 app.command("replay")(audit.replay)
 app.command("sessions")(sessions.sessions_cmd)
@@ -81,8 +84,8 @@ app.command("demo")(demo.demo)
 
 @app.command("config")
 def config(as_json: JsonOpt = False) -> None:
-    """Print the settings in force (environment, mesh.toml, defaults)."""
-    data = settings().model_dump()
+    """Print the settings in force (environment, mesh.toml, defaults); secrets as ***."""
+    data = config_view(settings())
     if as_json:
         emit_json(data)
         return
@@ -90,6 +93,15 @@ def config(as_json: JsonOpt = False) -> None:
     for k, v in data.items():
         table.add_row(safe(k), safe(v), safe(f"MESH_{k.upper()}"))
     out.print(table)
+
+
+def config_view(s: Settings) -> dict[str, Any]:
+    """The settings as `mesh config` shows them: a secret is "***" when set (None when not),
+    and a password inside the Redis URL or the DSN is masked."""
+    data = s.model_dump(mode="json")
+    for name in SECRET_FIELDS:
+        data[name] = None if data[name] is None else redact.MASK
+    return {k: redact.redact(v) if isinstance(v, str) else v for k, v in data.items()}
 
 
 def _is_usage_error(exc: Exception) -> bool:
@@ -106,7 +118,7 @@ def _is_usage_error(exc: Exception) -> bool:
 def _line(message: str, code: int) -> None:
     """The one line a failure prints: its message may quote values from the wire, so safe()
     (markup escaped, newlines and other control characters shown as escapes, cut)."""
-    err.print(f"[red]error:[/] {safe(message, 2000)}", highlight=False)
+    err.print(f"[red]error:[/] {safe(redact.redact(message), 2000)}", highlight=False)
     sys.exit(code)
 
 

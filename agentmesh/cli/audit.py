@@ -33,6 +33,7 @@ from agentmesh.client import Mesh, RelayStatus
 from agentmesh.outbox.relay import SlotConfigMismatch, serve
 from agentmesh.outbox.replay import Replay, Until, fold_state
 from agentmesh.outbox.resend import ResendResult, Selection
+from agentmesh.outbox.snapshots import StateReplay
 from agentmesh.process.logs import configure
 
 relay_app = typer.Typer(help="The outbox → Kafka relay.", no_args_is_help=True)
@@ -110,29 +111,49 @@ def replay(
         fail(str(exc), EXIT_INPUT)
     agents = load_agents(module)
 
-    async def go(progress: Any) -> Replay:
+    snapshot = state and cut is None and not scan  # a stored snapshot + the records after it
+
+    async def go(progress: Any) -> tuple[Replay, StateReplay | None]:
         async with Mesh() as mesh:
-            return await mesh.replay(session, until=cut, scan=scan, progress=progress)
+            if snapshot:
+                sr = await mesh.replay_state(session, agents.values(), progress=progress)
+                return sr.replay, sr
+            return await mesh.replay(session, until=cut, scan=scan, progress=progress), None
 
     with progress_bar("reading Kafka", enabled=not as_json) as progress:
         try:
-            rep = run(go(progress))
+            rep, sr = run(go(progress))
         except ValueError as exc:  # --until names an event outside the session
             fail(str(exc), EXIT_INPUT)
-    if not rep.events and not rep.missing:
+    from_snapshot = sr.snapshot if sr is not None else None
+    if not rep.events and not rep.missing and from_snapshot is None:
         pending = f" ({rep.unpublished} still in the outbox)" if rep.unpublished else ""
         fail(f"no events for session {session!r} in {rep.topic}{pending}", EXIT_FAILED)
-    folded = fold_state(rep.events, agents.values()) if state else None
+    folded = fold_state(rep.events, agents.values()) if state and sr is None else None
+    if sr is not None:
+        folded = sr.state
     if as_json:
         for e in rep.events:
             sys.stdout.write(e.envelope.to_json() + "\n")
         if folded is not None:
-            emit_json({"state": folded})
+            doc: dict[str, Any] = {"state": folded}
+            if from_snapshot is not None:  # where it started, and what was read after it
+                doc["snapshot"] = {**asdict(from_snapshot.cursor), "events": from_snapshot.events,
+                                   "records_read_after": rep.records_read}  # fmt: skip
+            emit_json(doc)
         _missing(rep, as_json=True)
         return
     if rep.events:
         render(rep, out)
-    if folded is not None:
+    if from_snapshot is not None:
+        out.print(
+            f"[bold]state[/] from the snapshot of {from_snapshot.events} events (up to "
+            f"{rep.topic}[{from_snapshot.cursor.partition}] offset {from_snapshot.cursor.offset})"
+            f" and the {len(rep.events)} event(s) after it ({rep.records_read} records read):",
+            highlight=False,
+        )
+        out.print_json(json.dumps(folded, default=str))
+    elif folded is not None:
         out.print("[bold]state[/] (folded from the events above):")
         out.print_json(json.dumps(folded, default=str))
     _missing(rep, as_json=False)

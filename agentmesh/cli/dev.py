@@ -81,7 +81,7 @@ def dev_up(services: ServicesArg = None, as_json: JsonOpt = False) -> None:
     with spinner("starting the local stack…", enabled=not as_json):
         rows = devstack.up(stack_config(s), chosen)
         if "postgres" in chosen:
-            run(migrate(s.postgres_dsn))
+            run(migrate(s))
     _print_status(rows, as_json)
 
 
@@ -109,7 +109,7 @@ def dev_status(services: ServicesArg = None, as_json: JsonOpt = False) -> None:
 @db_app.command("migrate")
 def db_migrate(as_json: JsonOpt = False) -> None:
     """Apply pending schema migrations (safe to run from several replicas at once)."""
-    applied = run(migrate(settings().postgres_dsn))
+    applied = run(migrate(settings()))
     if as_json:
         emit_json([{"version": m.version, "name": m.name} for m in applied])
     elif applied:

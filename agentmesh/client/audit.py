@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from agentmesh.outbox.replay import Replay, Until, replay_session
 from agentmesh.outbox.resend import Actor, ResendResult, Selection
 from agentmesh.outbox.resend import redrive as _redrive
 from agentmesh.outbox.resend import republish as _republish
+from agentmesh.outbox.snapshots import StateReplay
+from agentmesh.outbox.snapshots import replay_state as _replay_state
 
 if TYPE_CHECKING:
     from agentmesh.client.mesh import Mesh
@@ -46,3 +48,15 @@ async def redrive(
 ) -> ResendResult:
     actor = Actor(operator=mesh.operator, reason=reason)
     return await _redrive(mesh.settings, selection, progress=progress, actor=actor)
+
+
+async def replay_state(
+    mesh: Mesh,
+    session_id: str,
+    agents: Iterable[Any],
+    *,
+    progress: Progress | None = None,
+) -> StateReplay:
+    """The session's state folded through the agents' projections: from its stored snapshot
+    and the records after it when there is a sound one, else from the whole log."""
+    return await _replay_state(mesh.settings, session_id, agents, progress=progress)

@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from agentmesh.client.errors import InvalidRequest, NotFound
+from agentmesh.agents.decisions import REFUSED_PREFIX
+from agentmesh.client.errors import Conflict, InvalidRequest, NotFound
 from agentmesh.outbox.operator import record_operator_action
 from agentmesh.outbox.publish import publish_events
 from agentmesh.outbox.sessions import waiting_steps
@@ -71,8 +72,7 @@ async def decide(mesh: Mesh, session_id: str, decision: str, reason: str) -> Dec
             "decision": decision,
             "operator": mesh.operator,
             "reason": reason,
-            "step": w.step,
-            "context": w.context,
+            "step": w.step,  # no context: the agent acts on the step it stored, not on ours
         },
         session_id=session_id,
         idempotency_key=key,
@@ -112,6 +112,13 @@ async def _acted_on(mesh: Mesh, agent: str, key: str, event_id: str, mine: Acted
         )
         if acted or time.monotonic() > deadline:
             break
+        refused = await pool.fetchval(  # the agent checked ours and said no (agents/decisions.py)
+            "SELECT result->>'refused' FROM mesh_actions WHERE agent = $1 AND idempotency_key = $2",
+            agent,
+            f"{REFUSED_PREFIX}{event_id}",
+        )
+        if refused:
+            raise Conflict(f"{agent} refused this decision: {refused}")
         await asyncio.sleep(0.1)
     if acted is None:
         return mine

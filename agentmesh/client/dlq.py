@@ -6,7 +6,10 @@ is carried out; each is then one atomic Lua step in Redis (agentmesh.bus.dlq), s
 operators acting on one entry cannot both win: the second finds it already gone.
 
 Retry and edit re-validate envelopes against the registry: the caller must have imported
-the module that defines the agents (and so registers their event types).
+the module that defines the agents (and so registers their event types). Both refuse an
+envelope over `MESH_MAX_ENVELOPE_BYTES`, and a retry returns an entry only to the stream
+its type is registered on: a planted entry that names another stream is refused (and
+reported; a retry of many entries goes on with the rest), never moved there.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ResponseError
+
 from agentmesh.bus import dlq as steps
 from agentmesh.client.dlq_entries import DlqEntry, DlqFilter, read_all, read_one, xrange
 from agentmesh.client.errors import Conflict, InvalidRequest, MeshError, NotFound
+from agentmesh.client.limits import oversize
 from agentmesh.outbox.operator import record_operator_action
 from agentmesh.schemas import PoisonMessage, registry
 
@@ -59,6 +65,17 @@ def _invalid(raw: bytes) -> str | None:
     except PoisonMessage as exc:
         return f"{exc.reason}: {exc}"
     return None
+
+
+def _not_home(e: DlqEntry) -> str | None:
+    """None when the entry names the stream its (valid) envelope's type is registered on;
+    else why a retry must not put it there."""
+    event_type = registry.decode(e.raw).envelope.type
+    home = registry.get(event_type).stream
+    if home == e.stream:
+        return None
+    return (f"refused: the entry names stream {e.stream!r}, but {event_type} travels on "
+            f"{home!r}; not moved (a planted entry?)")  # fmt: skip
 
 
 def _str(value: Any) -> str | None:
@@ -183,6 +200,8 @@ class DeadLetters:
                 raise InvalidRequest("payload must be a JSON object")
             edited, what = {**entry.envelope, "payload": payload}, "payload"
         raw = json.dumps(edited, separators=(",", ":")).encode()
+        if too_big := oversize(raw, self._mesh.settings):
+            raise InvalidRequest(f"edited {what}: {too_big}; nothing changed")
         invalid = _invalid(raw)
         if invalid:
             raise InvalidRequest(f"edited {what} is still invalid, nothing changed: {invalid}")
@@ -213,22 +232,30 @@ class DeadLetters:
         return {"dlq_reason": e.reason, "agent": e.agent, "error": e.error[:500]}
 
     async def _retry_one(self, e: DlqEntry, reason: str) -> DlqOutcome:
+        if too_big := oversize(e.raw, self._mesh.settings):
+            return DlqOutcome(id=e.id, done=False, detail=f"refused: {too_big}")
         invalid = _invalid(e.raw)
         if invalid:
             return DlqOutcome(
                 id=e.id, done=False, detail=f"invalid ({invalid}); fix it with mesh dlq edit"
             )
+        if elsewhere := _not_home(e):
+            return DlqOutcome(id=e.id, done=False, detail=elsewhere)
         env = e.envelope if isinstance(e.envelope, dict) else {}
         audit_id = await self._record("retry", e, reason, env, self._why(e))
-        new_id = await steps.retry(
-            self._mesh.redis,
-            dlq_stream=self.stream,
-            dlq_id=e.id,
-            stream=e.stream,
-            group=e.group,
-            entry_id=e.entry_id,
-            envelope=e.raw,
-        )
+        try:
+            new_id = await steps.retry(
+                self._mesh.redis,
+                dlq_stream=self.stream,
+                dlq_id=e.id,
+                stream=e.stream,
+                group=e.group,
+                entry_id=e.entry_id,
+                envelope=e.raw,
+            )
+        except ResponseError as exc:  # the Lua step's own check (bus/lua/dlq_retry.lua)
+            return DlqOutcome(id=e.id, done=False, detail=f"refused: {exc}",
+                              audit_event_id=audit_id)  # fmt: skip
         detail = f"{e.stream} {new_id}" if new_id else "already gone"
         return DlqOutcome(id=e.id, done=new_id is not None, detail=detail,
                           audit_event_id=audit_id)  # fmt: skip

@@ -13,7 +13,7 @@ PostgreSQL is down. Every write an operator makes is recorded in the audit log f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -21,16 +21,20 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from agentmesh import connect
 from agentmesh.bus import Streams
 from agentmesh.client import audit, decisions
 from agentmesh.client.dlq import DeadLetters
 from agentmesh.client.errors import InvalidRequest
+from agentmesh.client.limits import oversize
+from agentmesh.client.projections import Projections
 from agentmesh.client.sessions import SessionState, session_states
 from agentmesh.client.status import MeshStatus, RelayStatus, collect, relay_status
 from agentmesh.outbox.operator import current_operator
 from agentmesh.outbox.publish import publish_events
 from agentmesh.outbox.replay import Replay, Until
 from agentmesh.outbox.resend import ResendResult, Selection
+from agentmesh.outbox.snapshots import StateReplay
 from agentmesh.schemas import PoisonMessage, registry
 from agentmesh.schemas.ids import new_event_id
 from agentmesh.settings import Settings, load_settings
@@ -54,6 +58,7 @@ class Mesh:
         self.settings = settings or load_settings()
         self.operator = operator or current_operator()
         self.dlq = DeadLetters(self)
+        self.projections = Projections(self)  # read models folded from the audit log
         self._redis: Redis | None = None
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
@@ -78,16 +83,14 @@ class Mesh:
     @property
     def redis(self) -> Redis:
         if self._redis is None:
-            self._redis = Redis.from_url(self.settings.redis_url)
+            self._redis = connect.redis_client(self.settings)
         return self._redis
 
     async def pg(self) -> asyncpg.Pool:
         """The PostgreSQL pool, opened on first use."""
         async with self._pool_lock:
             if self._pool is None:
-                self._pool = await asyncpg.create_pool(
-                    self.settings.postgres_dsn, min_size=1, max_size=4
-                )
+                self._pool = await connect.pg_pool(self.settings, min_size=1, max_size=4)
         return self._pool
 
     @property
@@ -125,6 +128,8 @@ class Mesh:
             raise InvalidRequest(f"event type {event_type} has no stream to publish on")
         if stream is not None and stream != expected:
             raise InvalidRequest(f"{event_type} travels on stream {expected!r}, not {stream!r}")
+        if too_big := oversize(env.to_wire(), self.settings):
+            raise InvalidRequest(f"{too_big}: not published")
         (entry_id,) = await publish_events(await self.pg(), self.streams, [(expected, env)])
         return Published(
             event_id=env.event_id, session_id=env.session_id, stream=expected, entry_id=entry_id
@@ -209,6 +214,13 @@ class Mesh:
     ) -> Replay:
         """A session's events from the Kafka audit log, each once, in causal order."""
         return await audit.replay(self, session_id, until=until, scan=scan, progress=progress)
+
+    async def replay_state(
+        self, session_id: str, agents: Iterable[Any], *, progress: Progress | None = None
+    ) -> StateReplay:
+        """A session's state (the agents' projections): from its stored snapshot plus the
+        records after it when there is a sound one, else from the whole log."""
+        return await audit.replay_state(self, session_id, agents, progress=progress)
 
     async def republish(
         self,

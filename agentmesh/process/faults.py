@@ -3,7 +3,8 @@ process die with SIGKILL semantics (os._exit, no cleanup) when it first reaches 
 (after `MESH_CRASH_AFTER` passes, default 1). Unset, each point costs one dict lookup.
 
 Points: after_commit (Postgres committed, nothing published), after_publish (handoffs
-XADDed, input not acked), relay_after_ack (Kafka acked a round, rows not marked published).
+XADDed, input not acked), relay_after_ack (Kafka acked a round, rows not marked published),
+projection_mid_batch (a projection runner halfway through folding a batch, not committed).
 """
 
 from __future__ import annotations

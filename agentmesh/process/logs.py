@@ -3,7 +3,11 @@
 Client libraries log through the standard library; their loggers that speak up during a
 server outage share one handler that makes each error one line (`OneLineErrors`: no
 traceback for a lost connection) and lets a repeated line through once per window
-(`RepeatFilter`)."""
+(`RepeatFilter`).
+
+Every line, structlog's and the libraries', is redacted as a whole after it is rendered
+(`agentmesh.process.redact`): a password in a URL that an error message quotes, a secret
+setting's value, a bearer token never reach the log, tracebacks included."""
 
 from __future__ import annotations
 
@@ -11,11 +15,14 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import aiokafka.errors
 import asyncpg
 import redis.exceptions
 import structlog
+
+from agentmesh.process.redact import redact
 
 #: Client libraries that log one line per failed request while a server is down.
 NOISY_LIBRARIES = ("aiokafka", "kafka")
@@ -96,6 +103,22 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+class RedactingFormatter(logging.Formatter):
+    """The standard library's line (traceback included) with secrets masked."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def redacting(renderer: Any) -> Callable[[Any, str, Any], str]:
+    """A structlog renderer whose output has secrets masked."""
+
+    def render(logger: Any, method: str, event_dict: Any) -> str:
+        return redact(str(renderer(logger, method, event_dict)))
+
+    return render
+
+
 def configure(*, fmt: str = "console", level: str = "INFO") -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
@@ -107,14 +130,14 @@ def configure(*, fmt: str = "console", level: str = "INFO") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            redacting(renderer),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
     handler.addFilter(OneLineErrors())  # first: RepeatFilter then sees the one-line message
     handler.addFilter(RepeatFilter())
     for name in (*NOISY_LIBRARIES, *OUTAGE_LOGGERS):

@@ -28,6 +28,8 @@ Redis (redis-py)
     misconfigured: a URL it cannot parse (ValueError); AuthenticationError and
     AuthorizationError (these subclass ConnectionError, so they are checked first); any
     other error reply (NOPERM, a DB index out of range, WRONGTYPE).
+Any server
+    misconfigured: its TLS certificate cannot be verified (another CA, another host name).
 Kafka (aiokafka)
     misconfigured: a bootstrap address that cannot be parsed; authentication and
     authorization errors (SASL failures, topic or cluster authorization failed).
@@ -47,6 +49,7 @@ import asyncio
 import contextlib
 import random
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -164,6 +167,8 @@ def outage_reason(server: Server, exc: BaseException) -> str | None:
     """Why `server` is down, if `exc` says it is; None when `exc` says nothing of the kind
     (a bug: the caller lets it propagate). Raises Misconfigured when waiting cannot help.
     The module docstring lists which exception is which."""
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in _chain(exc)):
+        raise Misconfigured.of(server, _text(exc)) from exc  # wrong CA or host: no wait helps
     if server.name == "PostgreSQL":
         if isinstance(exc, asyncpg.exceptions.ClientConfigurationError | ValueError):
             raise Misconfigured.of(server, _text(exc)) from exc

@@ -73,7 +73,7 @@ def run_demo(
     started = time.monotonic()
     with console.status("starting Redis, PostgreSQL and the Kafka-compatible broker…"):
         devstack.up(cfg)
-        asyncio.run(migrate(s.postgres_dsn))
+        asyncio.run(migrate(s))
     console.print(f"[green]✓[/] local stack up in {cfg.root}")
     env = {
         **os.environ,

@@ -6,5 +6,6 @@ external system; gateway_standin.py is a local stand-in for the demo and the tes
 
 from refund_desk import agents as agents
 from refund_desk import events as events
+from refund_desk import projection as projection
 
-__all__ = ["agents", "events"]
+__all__ = ["agents", "events", "projection"]

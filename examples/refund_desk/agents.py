@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from urllib.parse import urlparse
 
-from pydantic import Field
+import httpx
+from pydantic import Field, FilePath
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentmesh import (
@@ -48,7 +48,7 @@ from refund_desk.events import (
     Ticket,
     TicketClosed,
 )
-from refund_desk.gateway_standin import request_json
+from refund_desk.gateway_client import GatewayClient
 
 
 class DeskSettings(BaseSettings):
@@ -60,6 +60,10 @@ class DeskSettings(BaseSettings):
     approval_score: int = Field(default=60, ge=0, le=101, description="from it, a human decides")
     approval_deadline_s: float = Field(default=600.0, gt=0, description="then it expires")
     gateway_url: str = Field(default="http://127.0.0.1:8099", pattern=r"^https?://")
+    gateway_ca_file: FilePath | None = Field(
+        default=None, description="CA of the gateway's certificate (else the system's)"
+    )  # FilePath: a CA file that is not there stops the agent at start, not each payment
+    gateway_timeout_s: float = Field(default=5.0, gt=0, description="one gateway call's limit")
 
 
 DESK = DeskSettings()
@@ -167,8 +171,13 @@ async def assess(c: Classified, ctx: Context) -> dict[str, Any]:
 
 @risk.handler("approval.decided")
 async def decided(d: ApprovalDecided, ctx: Context) -> dict[str, Any]:
-    ticket = Ticket.model_validate(d.context["ticket"])
-    hold_id = str(d.context["hold_id"])
+    """Runs only for the step risk itself stored, still open (the framework refuses any other
+    decision, agents/decisions.py); the ticket, its amount and the hold come from that step,
+    never from the decision message."""
+    if ctx.step is None:
+        raise NonRetryable("a decision reached risk without its stored step")
+    ticket = Ticket.model_validate(ctx.step.context["ticket"])
+    hold_id = str(ctx.step.context["hold_id"])
     if d.decision == "approve":
         ctx.emit(
             "refund.approved",
@@ -220,7 +229,6 @@ async def expire_waiting(tick: Tick) -> None:
             operator="deadline",
             step=w.step,
             reason="approval deadline passed",
-            context=w.context,
         )
         env = registry.make(
             w.decision_type,
@@ -243,33 +251,48 @@ class GatewayRefused(NonRetryable):
     """The gateway said no for good (a closed account, a bad request): compensate."""
 
 
-async def _refund(key: str, ticket: Ticket) -> dict[str, Any]:
-    url = urlparse(GATEWAY_URL)
-    try:
-        reply = await request_json(
-            url.hostname or "127.0.0.1",
-            url.port or 80,
-            "POST",
-            "/refunds",
-            body={
-                "ticket_id": ticket.ticket_id,
-                "amount_cents": ticket.amount_cents,
-                "account": ticket.account,
-            },
-            headers={"Idempotency-Key": key},
-            timeout_s=5.0,
+#: 4xx answers that say nothing about the refund (our credentials, our URL, a rate limit):
+#: retried and, if they last, dead-lettered with the hold kept, never compensated.
+NOT_A_REFUSAL = frozenset({401, 403, 404, 405, 407, 408, 421, 429})
+
+_gateway: GatewayClient | None = None
+
+
+def gateway() -> GatewayClient:
+    """This process's client of the gateway (one connection pool), made on first use."""
+    global _gateway
+    if _gateway is None:
+        ca = DESK.gateway_ca_file
+        _gateway = GatewayClient(
+            GATEWAY_URL, ca_file=str(ca) if ca else None, timeout_s=DESK.gateway_timeout_s
         )
-    except (OSError, TimeoutError, ValueError) as exc:
+    return _gateway
+
+
+async def _refund(key: str, ticket: Ticket) -> dict[str, Any]:
+    body = {
+        "ticket_id": ticket.ticket_id,
+        "amount_cents": ticket.amount_cents,
+        "account": ticket.account,
+    }
+    try:
+        reply = await gateway().refund(key, body)
+    except httpx.TransportError as exc:  # refused, TLS, timeout: the outcome may be unknown
         raise GatewayUnavailable(f"gateway unreachable: {type(exc).__name__}: {exc}") from None
     if reply.status in (200, 201):
         return reply.body
-    if 400 <= reply.status < 500:
+    if 400 <= reply.status < 500 and reply.status not in NOT_A_REFUSAL:
         raise GatewayRefused(f"gateway refused ({reply.status}): {reply.body.get('error')}")
     raise GatewayUnavailable(f"gateway answered {reply.status}: {reply.body.get('error')}")
 
 
 @payments.handler("refund.approved", needs=["gateway"], timeout_s=30)
-async def pay(a: RefundApproved, ctx: Context) -> dict[str, Any]:
+async def pay(wire: RefundApproved, ctx: Context) -> dict[str, Any]:
+    # Pay what risk committed, not what the stream says: an approval XADDed by anyone else,
+    # or changed on the way, is dead-lettered with the reason (agents/provenance.py).
+    a = await ctx.verified_input(emitted_by="risk")
+    if not isinstance(a, RefundApproved):
+        raise NonRetryable(f"refund.approved loaded as {type(a).__name__}")
     key = f"refund:{a.ticket.ticket_id}"  # one per ticket: however often this runs, one payment
     try:
         paid = await ctx.call("gateway", _refund, key, a.ticket)

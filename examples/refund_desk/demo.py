@@ -29,8 +29,8 @@ from agentmesh.outbox.migrate import migrate
 from agentmesh.schemas.ids import new_event_id
 from planner_writer.demo import replay_one
 from refund_desk.desk import Desk, start_desk, wait_ready
-from refund_desk.gateway_standin import paid_twice, read_ledger, request_json
-from refund_desk.report import next_steps, one_session, summary
+from refund_desk.gateway_standin import paid_twice, read_ledger
+from refund_desk.report import next_steps, one_session, read_model, summary
 
 SETTLE_TIMEOUT_S = 90.0
 
@@ -110,7 +110,7 @@ def run_refund_demo(
     started = time.monotonic()
     with console.status("starting Redis, PostgreSQL and the Kafka-compatible broker…"):
         devstack.up(cfg)
-        asyncio.run(migrate(s.postgres_dsn))
+        asyncio.run(migrate(s))
     console.print(f"[green]✓[/] local stack up in {cfg.root}")
     try:
         with console.status("starting the refund desk: 5 agent processes, relay, gateway…"):
@@ -125,6 +125,7 @@ def run_refund_demo(
         result.elapsed_s = time.monotonic() - started
         prefix = batch[0].session.rsplit("-", 1)[0] + "-"  # this run's sessions
         asyncio.run(summary(s, desk, result, prefix, console))
+        asyncio.run(read_model(s, console))
         session = asyncio.run(one_session(s, prefix, console))
         if session:
             asyncio.run(replay_one(s, session, console))
@@ -168,9 +169,7 @@ async def _follow(
                 published += 1
             if outage == "due" and time.monotonic() - t0 >= plan.outage_at_s:
                 body = {"seconds": plan.outage_s}
-                reply = await request_json(
-                    "127.0.0.1", desk.gateway_port, "POST", "/admin/outage", body=body
-                )
+                reply = await desk.gateway_admin("POST", "/admin/outage", body)
                 outage = "on" if reply.status == 200 else "failed to start"
                 asyncio.get_running_loop().call_later(plan.outage_s, _outage_over)
             await asyncio.sleep(max(0.0, t0 + (w + 1) * 0.2 - time.monotonic()))

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import sys
 import time
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agentmesh import Settings, devstack
+from refund_desk.gateway_client import request_json
+from refund_desk.gateway_standin import Reply
 
 MODULE = "refund_desk"
 AGENTS = ("intake", "risk", "payments", "payments", "notifier")
@@ -39,7 +43,19 @@ class Desk:
 
     gateway_port: int
     ledger: Path
+    admin_token_file: Path  # the stand-in's admin token (its /admin/* and /ledger need it)
     metrics_ports: dict[str, int] = field(default_factory=dict)  # process name -> /metrics
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    async def gateway_admin(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> Reply:
+        """A call to the stand-in's /admin/* or /ledger, with its admin token."""
+        token = self.admin_token_file.read_text().strip()
+        return await request_json(self.gateway_url, method, path, body=body, admin_token=token)
 
 
 def start_desk(s: Settings, cfg: devstack.StackConfig) -> Desk:
@@ -47,10 +63,15 @@ def start_desk(s: Settings, cfg: devstack.StackConfig) -> Desk:
     devstack.background.stop(cfg)  # a desk an earlier `mesh demo --keep` left running
     ledger = cfg.root / "gateway-ledger.jsonl"
     ledger.write_text("")
-    desk = Desk(gateway_port=devstack.free_port(), ledger=ledger)
+    token_file = cfg.root / "gateway-admin-token"
+    token_file.unlink(missing_ok=True)
+    token_file.touch(mode=0o600)
+    token_file.write_text(secrets.token_urlsafe(24))
+    desk = Desk(gateway_port=devstack.free_port(), ledger=ledger, admin_token_file=token_file)
     gateway = [sys.executable, "-m", f"{MODULE}.gateway_standin", "--port",
                str(desk.gateway_port), "--ledger", str(ledger), "--latency", "0.005"]  # fmt: skip
-    devstack.background.start(cfg, "gateway-standin", gateway, dict(os.environ))
+    gateway_env = {**os.environ, "GATEWAY_ADMIN_TOKEN_FILE": str(token_file)}
+    devstack.background.start(cfg, "gateway-standin", gateway, gateway_env)
     env = _agent_env(s, desk.gateway_port)
     seen: Counter[str] = Counter()
     names = []

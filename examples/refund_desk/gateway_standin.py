@@ -7,19 +7,34 @@ so a test can read it after the server (or several of them) stopped.
 
 Faults it can inject: a fixed latency, a failure rate (the refund is *not* paid, 502),
 and outage windows in seconds since start (503). Stdlib only: it is not part of the product.
+
+Even a stand-in must not be an open door: it listens on 127.0.0.1 unless told otherwise
+(`--host` or GATEWAY_HOST), refuses a body over `--max-body` bytes (413) without reading
+it, and `/admin/*` and `/ledger` need `Authorization: Bearer <token>`, the token from
+GATEWAY_ADMIN_TOKEN or the file GATEWAY_ADMIN_TOKEN_FILE (without one they answer 403).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
+import os
 import random
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+#: Largest request body read (a refund is ~100 bytes); more is answered 413 unread.
+MAX_BODY_BYTES = 64 * 1024
+#: Most header lines one request may have (431 beyond: the stand-in does not buffer more).
+MAX_HEADERS = 100
+#: Paths that need the admin token.
+ADMIN_PATHS = ("/admin/", "/ledger")
 
 
 @dataclass(kw_only=True)
@@ -29,6 +44,8 @@ class GatewayConfig:
     outages: list[tuple[float, float]] = field(default_factory=list)
     ledger_path: Path | None = None
     seed: int | None = None
+    admin_token: str | None = None  # None: the admin endpoints and /ledger are closed
+    max_body_bytes: int = MAX_BODY_BYTES
 
 
 @dataclass(kw_only=True)
@@ -123,24 +140,53 @@ class PaymentGatewayStandIn:
                     return
                 method, path, _ = request_line.decode("latin-1").split(" ", 2)
                 headers: dict[str, str] = {}
+                lines = 0
                 while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    lines += 1
+                    if lines > MAX_HEADERS:
+                        await _answer(writer, Reply(status=431, body={"error": "too many headers"}))
+                        return
                     name, _, value = line.decode("latin-1").partition(":")
                     headers[name.strip().lower()] = value.strip()
+                early = self._refuse_early(headers)
+                if early is not None:  # the body is not read: answer, then close
+                    await _answer(writer, early)
+                    return
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
-                reply = await self._route(method, path, headers, body)
-                payload = json.dumps(reply.body).encode()
-                writer.write(
-                    f"HTTP/1.1 {reply.status} X\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(payload)}\r\n\r\n".encode()
-                    + payload
-                )
-                await writer.drain()
+                await _answer(writer, await self._route(method, path, headers, body))
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-            return
+            return  # ValueError: a malformed line, or one over the reader's 64 KiB limit
         finally:
             writer.close()
 
+    def _refuse_early(self, headers: dict[str, str]) -> Reply | None:
+        """A request whose body must not be read: chunked (unbounded), or too large."""
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            return Reply(status=411, body={"error": "send Content-Length, not chunked"})
+        length = headers.get("content-length", "0")
+        if not length.isdigit():
+            return Reply(status=400, body={"error": "bad Content-Length"})
+        if int(length) > self.config.max_body_bytes:
+            limit = self.config.max_body_bytes
+            return Reply(status=413, body={"error": f"body over {limit} bytes"})
+        return None
+
+    def _authorized(self, headers: dict[str, str]) -> Reply | None:
+        """None when the request carries the admin token, else the refusal."""
+        token = self.config.admin_token
+        if not token:
+            reason = "admin endpoints are closed: start with GATEWAY_ADMIN_TOKEN(_FILE)"
+            return Reply(status=403, body={"error": reason})
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            return Reply(status=401, body={"error": "Authorization: Bearer <admin token> needed"})
+        return None
+
     async def _route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        if path.startswith(ADMIN_PATHS) and (refused := self._authorized(headers)) is not None:
+            return refused
         if method == "POST" and path == "/refunds":
             return await self.refund(headers.get("idempotency-key"), body)
         if method == "GET" and path == "/ledger":
@@ -179,34 +225,29 @@ def paid_twice(entries: list[dict[str, Any]]) -> dict[str, int]:
     return {ticket: n for ticket, n in counts.items() if n > 1}
 
 
-async def request_json(
-    host: str,
-    port: int,
-    method: str,
-    path: str,
-    *,
-    body: dict[str, Any] | None = None,
-    headers: dict[str, str] | None = None,
-    timeout_s: float = 5.0,
-) -> Reply:
-    """A one-shot HTTP/1.1 JSON call (stdlib only), for the payments agent and the tests."""
-    async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_connection(host, port)
+async def _answer(writer: asyncio.StreamWriter, reply: Reply) -> None:
+    payload = json.dumps(reply.body).encode()
+    writer.write(
+        f"HTTP/1.1 {reply.status} X\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    await writer.drain()
+
+
+def admin_token_from_env(env: dict[str, str] | None = None) -> str | None:
+    """GATEWAY_ADMIN_TOKEN, or the content of the file GATEWAY_ADMIN_TOKEN_FILE (not both)."""
+    env = dict(os.environ) if env is None else env
+    token, path = env.get("GATEWAY_ADMIN_TOKEN"), env.get("GATEWAY_ADMIN_TOKEN_FILE")
+    if token and path:
+        raise SystemExit("set GATEWAY_ADMIN_TOKEN or GATEWAY_ADMIN_TOKEN_FILE, not both")
+    if path:
         try:
-            raw = json.dumps(body).encode() if body is not None else b""
-            head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(raw)}\r\n"
-            head += "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-            writer.write(head.encode() + b"\r\n" + raw)
-            await writer.drain()
-            status = int((await reader.readline()).split(b" ", 2)[1])
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                if name.strip().lower() == "content-length":
-                    length = int(value)
-            return Reply(status=status, body=json.loads(await reader.readexactly(length)))
-        finally:
-            writer.close()
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            reason = f"GATEWAY_ADMIN_TOKEN_FILE: cannot read {path}: {exc.strerror}"
+            raise SystemExit(reason) from None
+    return token or None
 
 
 def _window(text: str) -> tuple[float, float]:
@@ -216,24 +257,34 @@ def _window(text: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Payment gateway STAND-IN (demo and tests only).")
-    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 in a container")
+    host = os.environ.get("GATEWAY_HOST", "127.0.0.1")
+    parser.add_argument("--host", default=host, help="GATEWAY_HOST; 0.0.0.0 in a container")
     parser.add_argument("--port", type=int, default=8099)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per call")
     parser.add_argument("--failure-rate", type=float, default=0.0)
     parser.add_argument("--outage", type=_window, action="append", default=[], help="START-END s")
     parser.add_argument("--ledger", type=Path)
+    parser.add_argument("--max-body", type=int, default=MAX_BODY_BYTES, help="bytes (else 413)")
+    parser.add_argument("--tls-cert", help="serve https with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="... and this key")
     args = parser.parse_args()
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
     gateway = PaymentGatewayStandIn(
         GatewayConfig(
             latency_s=args.latency,
             failure_rate=args.failure_rate,
             outages=args.outage,
             ledger_path=args.ledger,
+            admin_token=admin_token_from_env(),
+            max_body_bytes=args.max_body,
         )
     )
 
     async def serve() -> None:
-        server = await asyncio.start_server(gateway.handle, args.host, args.port)
+        server = await asyncio.start_server(gateway.handle, args.host, args.port, ssl=tls)
         async with server:
             await server.serve_forever()
 

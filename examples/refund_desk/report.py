@@ -17,6 +17,7 @@ from rich.table import Table
 from agentmesh import Mesh, Settings
 from refund_desk.desk import Desk, http_get
 from refund_desk.gateway_standin import read_ledger
+from refund_desk.projection import desk as desk_projection
 
 if TYPE_CHECKING:
     from refund_desk.demo import RefundDemoResult
@@ -71,8 +72,8 @@ async def summary(
 
     m = await asyncio.to_thread(_scrape, desk.metrics_ports)
     ledger = read_ledger(desk.ledger)
-    _, gw = await asyncio.to_thread(http_get, desk.gateway_port, "/ledger")
-    calls = json.loads(gw)["calls"] if gw else "?"
+    gw = await desk.gateway_admin("GET", "/ledger")
+    calls = gw.body.get("calls", "?")
     actions, in_kafka, backlog, p50, p95 = figures
     r.breaker_openings = int(_sum(m, "mesh_breaker_opened_total", dependency="gateway"))
     mt = Table("figure", "value", "where it comes from", title="metrics")
@@ -99,6 +100,28 @@ async def summary(
                "Postgres mesh_outbox")  # fmt: skip
     mt.add_row("wall time", f"{r.elapsed_s:.1f} s", "")
     console.print(mt)
+
+
+async def read_model(s: Settings, console: Console) -> None:
+    """The refund desk's read model (examples/refund_desk/projection.py), folded from the Kafka
+    audit log up to its end, as `mesh projection run refund_desk` keeps it live."""
+    async with Mesh(s) as mesh:
+        folded = await mesh.projections.catch_up(desk_projection)
+        holds = await mesh.projections.query(desk_projection, "holds")
+        days = await mesh.projections.query(desk_projection, "by_day")
+    h = holds.rows[0] if holds.rows else {"open_holds": 0, "held_cents": 0}
+    title = "read model: tickets by day and outcome (mesh projection query refund_desk by_day)"
+    table = Table("day", "outcome", "tickets", "refunded", title=title)
+    for row in days.rows:
+        table.add_row(str(row["day"]), escape(str(row["outcome"])), str(row["tickets"]),
+                      f"{(row['refunded_cents'] or 0) / 100:,.2f}")  # fmt: skip
+    console.print(table)
+    console.print(
+        f"open holds: {h['open_holds']} ({(h['held_cents'] or 0) / 100:,.2f} held) · folded "
+        f"{folded.folded} new events from {folded.records} audit records, each once "
+        f"({folded.duplicates} duplicate copies skipped)",
+        highlight=False,
+    )
 
 
 _SESSION_TIMES_SQL = """
@@ -174,6 +197,11 @@ async def next_steps(s: Settings, prefix: str, console: Console) -> None:
             f"mesh dlq edit {e.id} --reason 'typo in amount' --payload '{json.dumps(fixed)}'",
             "mesh dlq retry NEW_ID --reason 'fixed by hand'   # the id dlq edit printed",
         ]
-    lines += [f"mesh replay {prefix}0", "mesh dev down   # stops the desk and the stack"]
+    lines += [
+        f"mesh replay {prefix}0",
+        "mesh projection query refund_desk by_day   # the read model the summary showed",
+        "mesh projection status",
+        "mesh dev down   # stops the desk and the stack",
+    ]
     for line in lines:
         console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
