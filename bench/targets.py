@@ -98,6 +98,12 @@ def figures(
         return r.rate if r else None
 
     raw, p1, p2, fs = rate("raw"), rate("procs1"), rate("procs2"), rate("fs-batch")
+
+    def cpu(a: str, b: str) -> str:
+        """CPU us per message of two rows: what their rates would be on idle cores."""
+        ca, cb = (tp[k].cpu_us if k in tp else None for k in (a, b))
+        return f"; CPU {_fmt(ca, '', 0)} vs {_fmt(cb, '', 0)} us/msg"
+
     out: list[Figure] = []
     r = _ratio(p1, fs)
     out.append(
@@ -107,7 +113,7 @@ def figures(
             _fmt(r),
             ">= 1.2x",
             None if r is None else r >= 1.2,
-            f"{_fmt(p1, ' msgs/s', 0)} vs {_fmt(fs, ' msgs/s', 0)}",
+            f"{_fmt(p1, ' msgs/s', 0)} vs {_fmt(fs, ' msgs/s', 0)}" + cpu("procs1", "fs-batch"),
         )
     )
     r = _ratio(p1, raw)
@@ -118,7 +124,7 @@ def figures(
             _fmt(r),
             ">= 0.5x",
             None if r is None else r >= 0.5,
-            f"{_fmt(p1, ' msgs/s', 0)} vs {_fmt(raw, ' msgs/s', 0)}",
+            f"{_fmt(p1, ' msgs/s', 0)} vs {_fmt(raw, ' msgs/s', 0)}" + cpu("procs1", "raw"),
         )
     )
     r = _ratio(p2, raw)
