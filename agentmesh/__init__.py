@@ -2,8 +2,9 @@
 Kafka audit log. This page is the whole user surface:
 
 - writing agents: `Agent`, `Context`, `registry` (the event types), `DependencySpec` and
-  `RetryPolicy` (calls to the outside world), `NonRetryable`, `waiting`/`ended` (a step that
-  waits on a human, the end of a session), `Tick` (periodic work);
+  `RetryPolicy` (calls to the outside world), `Budget` (a rate limit shared by every
+  replica), `NonRetryable`, `waiting`/`ended` (a step that waits on a human, the end of a
+  session), `Tick` (periodic work);
 - running and operating a mesh: `Settings`/`load_settings`, and `Mesh`, the operator's client
   (publish, follow, approve/reject, the DLQ, status, replay);
 - read models folded from the audit log: `Projection` (name, table DDL, `@fold` function that
@@ -14,7 +15,7 @@ Everything else is importable from its module (`agentmesh.agents`, `.bus`, `.out
 """
 
 from agentmesh._version import __version__
-from agentmesh.agents import Agent, Context, DependencySpec, NonRetryable, RetryPolicy
+from agentmesh.agents import Agent, Budget, Context, DependencySpec, NonRetryable, RetryPolicy
 from agentmesh.agents.periodic import Tick
 from agentmesh.client import Mesh
 from agentmesh.outbox.projection import Projection, ProjectionTx
@@ -25,6 +26,7 @@ from agentmesh.settings import Settings, load_settings
 
 __all__ = [
     "Agent",
+    "Budget",
     "Context",
     "Decision",
     "DependencySpec",

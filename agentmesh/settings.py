@@ -139,6 +139,17 @@ class Settings(BaseSettings):
         default=3_600_000, ge=1000, description="forget consumers idle this long owning nothing"
     )
     dedup_ttl_s: int = Field(default=7 * 86400, ge=1, description="how long XADD dedup keys live")
+    publish_max_backlog: int = Field(
+        default=100_000,
+        ge=0,
+        description="publishing (Mesh.publish, mesh publish) refuses to take a stream's backlog "
+        "(lag + pending of its slowest group) over this; 0 = no bound",
+    )
+    publish_backlog_wait_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="how long publishing waits for room under the backlog bound before refusing",
+    )
     dlq_stream: str = "mesh:dlq"
     max_envelope_bytes: int = Field(default=256 * 1024, ge=1024)
     http_host: str = "127.0.0.1"
@@ -157,11 +168,12 @@ class Settings(BaseSettings):
         default=False,
         description="Apache Kafka only: enable.idempotence (Tansu does not support it)",
     )
-    kafka_touch_partitions: bool = Field(
-        default=True,
-        description="ask for each partition's offsets before a relay round sends to it: Tansu "
+    kafka_touch_partitions: bool | Literal["auto"] = Field(
+        default="auto",
+        description="fetch once from each partition before a relay round sends to it: Tansu "
         "restarts a partition at offset 0 if it is produced to before it is read after a broker "
-        "restart (overwriting acked records); one cheap request per round, harmless on Kafka",
+        "restart (overwriting acked records); auto: on unless the broker answers ApiVersions "
+        "like Apache Kafka (OffsetForLeaderEpoch, DescribeLogDirs, CreatePartitions)",
     )
     kafka_request_timeout_ms: int = Field(default=30_000, ge=1000)
     relay_batch_size: int = Field(default=2000, ge=1, description="outbox rows per relay round")
@@ -173,6 +185,13 @@ class Settings(BaseSettings):
     )
     relay_retry_max_s: float = Field(
         default=30.0, gt=0, description="largest relay backoff while Kafka is down"
+    )
+    relay_lease_s: float = Field(
+        default=5.0,
+        ge=0.5,
+        description="a relay owns a partition for this long after each renewal (every round): "
+        "a relay that stops making progress (frozen, hung, cut off from the broker) loses its "
+        "partitions to the others after it, whether or not its connection is alive",
     )
     outbox_retention_s: float = Field(
         default=7 * 86400.0, ge=0, description="published outbox rows older than this are pruned"

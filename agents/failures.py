@@ -18,7 +18,7 @@ import structlog
 from aiobreaker import CircuitBreakerError
 
 from agentmesh.agents.metrics import Metrics
-from agentmesh.agents.resilience import NonRetryable
+from agentmesh.agents.resilience import BudgetExhausted, NonRetryable
 from agentmesh.bus.deadletter import DeadLetter
 from agentmesh.bus.entry import StreamEntry
 from agentmesh.bus.streams import Streams
@@ -66,12 +66,17 @@ class Failures:
 
     async def failed(self, failures: Sequence[tuple[StreamEntry, Exception]]) -> None:
         """Handler runs that failed: record them, then retry with backoff or dead-letter.
-        An open breaker is not the message's fault: the entry waits, uncounted."""
+        An open breaker or an empty shared budget is not the message's fault: the entry waits,
+        uncounted (no failure recorded, no delivery added when it runs again)."""
         s, m, name = self.settings, self.metrics, self.agent
         dead: list[DeadLetter] = []
-        counted = [(e, x) for e, x in failures if not isinstance(x, CircuitBreakerError)]
+        waits = (CircuitBreakerError, BudgetExhausted)
+        counted = [(e, x) for e, x in failures if not isinstance(x, waits)]
         await self.streams.record_failures([(e, f"{type(x).__name__}: {x}") for e, x in counted])
         for e, exc in failures:
+            if isinstance(exc, BudgetExhausted):  # room again in retry_after_s (spread)
+                self.schedule(e, delay=exc.retry_after_s, count=False)
+                continue
             if isinstance(exc, CircuitBreakerError):  # not the message's fault: wait, uncounted
                 self.schedule(e, delay=0.5, count=False)
                 continue

@@ -9,9 +9,17 @@ Redis, so N replicas export N copies of one number: aggregate them with
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from agentmesh.process.build_info import register_process_metrics
+
+if TYPE_CHECKING:
+    from agentmesh.agents.resilience import Dependency
 
 #: Group-scope gauges: one value per group, repeated by every replica; aggregate with max().
 GROUP_GAUGES = ("mesh_group_pending", "mesh_group_lag", "mesh_dlq_depth")
@@ -103,3 +111,40 @@ class Metrics:
             registry=r,
         )
         register_process_metrics(r, "agent")
+
+    def watch_budgets(self, agent: str, dependencies: Mapping[str, Dependency]) -> None:
+        """Export the shared budgets this replica uses, read at each scrape."""
+        if any(d.spec.budget is not None for d in dependencies.values()):
+            self.registry.register(_Budgets(agent, dependencies))
+
+
+class _Budgets(Collector):
+    """mesh_budget_tokens (the shared bucket's balance as this replica last saw it),
+    mesh_budget_exhausted_total (calls parked here because the budget had no room within their
+    max wait) and mesh_budget_waited_total (calls that waited their turn)."""
+
+    def __init__(self, agent: str, dependencies: Mapping[str, Dependency]) -> None:
+        self.agent = agent
+        self.dependencies = dependencies
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["agent", "dependency"]
+        tokens = GaugeMetricFamily(
+            "mesh_budget_tokens", "Units in the shared budget, as last seen here", labels=labels
+        )
+        exhausted = CounterMetricFamily(
+            "mesh_budget_exhausted",
+            "Calls parked because the shared budget had no room within their max wait",
+            labels=labels,
+        )
+        waited = CounterMetricFamily(
+            "mesh_budget_waited", "Calls that waited their turn in the shared budget", labels=labels
+        )
+        for name, dep in sorted(self.dependencies.items()):
+            if dep.spec.budget is None:
+                continue
+            if dep.budget_tokens is not None:
+                tokens.add_metric([self.agent, name], dep.budget_tokens)
+            exhausted.add_metric([self.agent, name], dep.budget_refused)
+            waited.add_metric([self.agent, name], dep.budget_waited)
+        yield from (tokens, exhausted, waited)

@@ -29,12 +29,14 @@ from redis.exceptions import RedisError
 
 from agentmesh import connect
 from agentmesh.agents.agent import Agent
+from agentmesh.agents.budget_gate import budget_paused
 from agentmesh.agents.consumer import ConsumerLoop
 from agentmesh.agents.consumer_deps import ConsumerDeps
 from agentmesh.agents.group_gauges import sample_group_gauges
 from agentmesh.agents.metrics import Metrics
 from agentmesh.agents.periodic import Tick, run_periodic
 from agentmesh.agents.resilience import STATE_VALUE, Dependency
+from agentmesh.bus.budget import Buckets
 from agentmesh.process.health import HealthServer
 from agentmesh.process.waiting import Misconfigured, Outages, Server, Waiter, outage_reason
 from agentmesh.settings import Settings
@@ -87,9 +89,12 @@ class Runner:
         return paused, probing
 
     def stream_modes(self) -> tuple[list[str], list[str]]:
+        """New entries are read from neither paused streams nor those whose every handler
+        needs an empty shared budget (entries parked for it still run when due)."""
         paused, probing = self.paused_streams()
-        normal = [s for s in self.agent.streams if s not in paused and s not in probing]
-        return normal, sorted(probing)
+        gated = budget_paused(self.agent, self.dependencies)
+        normal = [s for s in self.agent.streams if s not in paused | probing | gated]
+        return normal, sorted(probing - gated)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -115,6 +120,10 @@ class Runner:
         except ValueError as exc:
             raise Misconfigured.of(redis_server, str(exc)) from exc
         self._closing.append(self.redis.aclose)
+        buckets = Buckets(self.redis)
+        for dep in self.dependencies.values():
+            dep.attach(buckets)
+        self.metrics.watch_budgets(self.agent.name, self.dependencies)
         self.http = HealthServer(
             host=s.http_host,
             port=s.http_port,
@@ -311,6 +320,7 @@ class Runner:
                     reason = str(bad.errors()[0]["msg"])
                 return False, f"{server.name} at {server.address} unreachable: {reason}"
         paused, _ = self.paused_streams()
+        paused |= budget_paused(self.agent, self.dependencies)
         return True, "ready" + (f" (paused: {', '.join(sorted(paused))})" if paused else "")
 
 

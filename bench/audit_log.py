@@ -57,7 +57,7 @@ from agentmesh import devstack  # noqa: E402
 from agentmesh.outbox import kafka, outbox_rows  # noqa: E402
 from agentmesh.outbox.migrate import migrate  # noqa: E402
 from agentmesh.outbox.outbox_rows import OutboxRows  # noqa: E402
-from agentmesh.outbox.relay import SLOT_LOCK_CLASS, Relay  # noqa: E402
+from agentmesh.outbox.relay import Relay  # noqa: E402
 from agentmesh.outbox.replay import Replay, replay_session  # noqa: E402
 from agentmesh.process.logs import configure as configure_logs  # noqa: E402
 from agentmesh.schemas import registry  # noqa: E402
@@ -78,9 +78,9 @@ TARGET_LONG = "target-long"
 
 _BACKLOG = "SELECT count(*) FROM mesh_outbox WHERE published_at IS NULL"
 _SLOTS = """
-SELECT pid, count(*) AS slots FROM pg_locks
-WHERE locktype = 'advisory' AND granted AND classid = $1 AND objsubid = 2
-GROUP BY pid
+SELECT owner_token, count(*) AS slots FROM mesh_relay_leases
+WHERE topic = $1 AND owner_token IS NOT NULL AND expires_at > now()
+GROUP BY owner_token
 """
 
 
@@ -526,7 +526,7 @@ async def bench_relay_procs(
         share = math.ceil(args.partitions / procs)
         deadline = time.monotonic() + 60
         while True:  # every process owns its fair share of the partitions
-            rows = await pg.fetch(_SLOTS, SLOT_LOCK_CLASS)
+            rows = await pg.fetch(_SLOTS, topic)
             if len(rows) == procs and all(r["slots"] >= share - 1 for r in rows):
                 if sum(r["slots"] for r in rows) == args.partitions:
                     break

@@ -20,3 +20,5 @@ class Scripts:
         self.trim: AsyncScript = redis.register_script(_source("trim"))
         self.dlq_retry: AsyncScript = redis.register_script(_source("dlq_retry"))
         self.dlq_replace: AsyncScript = redis.register_script(_source("dlq_replace"))
+        self.budget: AsyncScript = redis.register_script(_source("budget"))
+        self.backlog: AsyncScript = redis.register_script(_source("backlog"))

@@ -2,11 +2,19 @@
 
 Ownership. The slots are the audit topic's Kafka partitions: a session's rows go to partition
 session_hash % partitions (Kafka's own key partitioning). A relay publishes a partition's rows
-only while it holds that partition's Postgres advisory lock, on a connection kept for that
-purpose. Locks die with the connection, so a crashed relay's partitions are free at once; live
-relays share them evenly (each takes ceil(partitions / relays)). So a session's rows, and a
-partition's records, are written by one relay at a time. (One writer per partition is also
-what Tansu needs: concurrent producers to one partition there get overlapping offsets.)
+only while it holds that partition's lease (mesh_relay_leases), renewed at the start of every
+round; a relay that stops renewing (frozen, hung, cut off from the broker) loses it after
+`relay_lease_s`, whether or not its connection is alive, and a crashed relay's leases are free
+at once (its liveness lock went with its connection). Live relays share the partitions evenly
+(each takes ceil(partitions / relays)). So a session's rows, and a partition's records, are
+written by one relay at a time. (One writer per partition is also what Tansu needs: concurrent
+producers to one partition there get overlapping offsets.)
+
+Fencing. Each change of owner raises the partition's lease epoch. The mark checks the epoch in
+the same statement, so a relay that lost a partition cannot mark rows there; and it starts no
+send there once its lease ran out by its own clock. A batch it had handed to the broker before
+it froze may still land late: a duplicate with the same event ids (the new owner sends those
+rows too), which readers de-duplicate; replay orders by `mesh-seq`, so order holds.
 
 No skipped rows. The relay never reads "id > last id". Each round selects rows still marked
 unpublished, in id order, so a transaction that commits late, holding low ids, is simply found
@@ -26,7 +34,7 @@ lost the records from there on; the relay then marks the rows it had acked there
 again, in the transaction of its next mark, so they are sent again (relay_heal).
 
 Where it lives. This module is the relay's entry point and re-exports its public names; the
-code is split by idea: relay_state (shared state, Row), relay_slots (partition ownership),
+code is split by idea: relay_state (shared state, Row), relay_slots (partition leases),
 relay_kafka (producer, probe, in-order send), relay_rounds (one round: fetch, send, mark),
 relay_heal (re-sending what the broker lost after acking it), relay_housekeeping (backlog,
 pruning), relay_loop (`Relay`: lifecycle and the round loop),
@@ -41,14 +49,14 @@ from agentmesh.outbox.relay_loop import Relay
 from agentmesh.outbox.relay_metrics import RelayMetrics
 from agentmesh.outbox.relay_rounds import INDEX_GAP, RoundResult
 from agentmesh.outbox.relay_serve import serve
-from agentmesh.outbox.relay_slots import MEMBER_LOCK_CLASS, SLOT_LOCK_CLASS, SlotConfigMismatch
-from agentmesh.outbox.relay_state import Row
+from agentmesh.outbox.relay_slots import LIVE_LOCK_CLASS, SlotConfigMismatch
+from agentmesh.outbox.relay_state import LEASE_HEADER, Row
 
 __all__ = [
     "INDEX_GAP",
-    "MEMBER_LOCK_CLASS",
+    "LEASE_HEADER",
+    "LIVE_LOCK_CLASS",
     "PRUNE_LOCK_CLASS",
-    "SLOT_LOCK_CLASS",
     "KafkaUnavailable",
     "Relay",
     "RelayMetrics",

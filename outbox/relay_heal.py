@@ -53,6 +53,12 @@ WHERE topic = $1 AND kafka_partition = ANY($2::int[])
 GROUP BY kafka_partition
 """
 
+_HELD_SQL = """
+SELECT 1 FROM mesh_relay_leases
+WHERE topic = $1 AND kafka_partition = $2 AND owner_token = $3 AND epoch = $4
+FOR KEY SHARE
+"""
+
 _HEAL_SQL = """
 WITH healed AS (
     UPDATE mesh_outbox SET published_at = NULL
@@ -169,6 +175,11 @@ class Healing(RelayState):
         out: list[Healed] = []
         topic = self.s.audit_topic
         for p, lost in sorted(self._lost.items()):
+            epoch = self.epochs.get(p)
+            if epoch is None or not await conn.fetchval(_HELD_SQL, topic, p, self.token, epoch):
+                # fenced: another relay holds the partition now and finds the loss itself
+                out.append(Healed(p, Lost(lost.offset, lost.previous), 0, 0, 0, None))
+                continue
             r = await conn.fetchrow(_HEAL_SQL, topic, p, lost.offset)
             assert r is not None
             rows, ranges, sessions = int(r["rows"]), int(r["ranges"]), int(r["sessions"])

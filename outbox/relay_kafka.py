@@ -11,11 +11,15 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.protocol.admin import ApiVersionRequest
 
 from agentmesh.outbox import kafka
 from agentmesh.outbox.relay_slots import SlotConfigMismatch
-from agentmesh.outbox.relay_state import RelayState, Row
+from agentmesh.outbox.relay_state import RelayState, Row, Sent
+
+log = structlog.get_logger("agentmesh.relay")
 
 
 class KafkaUnavailable(RuntimeError):
@@ -43,7 +47,8 @@ class KafkaLink(RelayState):
                 await _stop_quietly(p)
                 raise
             self._producer = p
-        if self.s.kafka_touch_partitions and self._probe is None:
+            self.touching = await self._needs_probe(p)
+        if self.touching and self._probe is None:
             self._probe = await self._start_probe()
         if not self._partitions:
             parts = sorted(await self._producer.partitions_for(self.s.audit_topic))
@@ -54,6 +59,28 @@ class KafkaLink(RelayState):
                 self.slots = len(parts)
             self._partitions = parts
         return self._producer
+
+    async def _needs_probe(self, producer: AIOKafkaProducer) -> bool:
+        """Settings.kafka_touch_partitions, with "auto" decided by asking the broker which
+        APIs it serves (one request per new producer): Apache Kafka needs no probe."""
+        setting = self.s.kafka_touch_partitions
+        if setting != "auto":
+            return bool(setting)
+        try:
+            node = next(iter(producer.client.cluster.brokers())).nodeId
+            resp = await producer.client.send(node, ApiVersionRequest())
+            keys = {int(v[0]) for v in resp.api_versions}
+        except Exception as exc:  # unsure: probe, it costs one fetch per round
+            if self.member:
+                log.info("relay: partition probe on (ApiVersions failed)", error=_describe(exc))
+            return True
+        touching = needs_probe(keys)
+        if touching != self.touching and self.member:  # not from one-shot commands' output
+            log.info(
+                "relay: partition probe " + ("on (the broker is not Apache Kafka)" if touching
+                                             else "off (the broker is Apache Kafka)"),
+            )  # fmt: skip
+        return touching
 
     async def _start_probe(self) -> AIOKafkaConsumer:
         probe = kafka.probe_consumer(self.s)
@@ -76,7 +103,7 @@ class KafkaLink(RelayState):
 
         Tansu restarts a partition at offset 0, overwriting acked records, when it is produced
         to before anything fetched from it since the broker started; a fetch makes it load its
-        high watermark. ListOffsets does not. On Apache Kafka this is one cheap fetch."""
+        high watermark. ListOffsets does not. On Apache Kafka "auto" turns it off."""
         try:
             await self._fetch_once(probe, partitions)
         except OSError as exc:
@@ -111,17 +138,23 @@ class KafkaLink(RelayState):
 
     async def _send_partition(
         self, producer: AIOKafkaProducer, partition: int, rows: Sequence[Row]
-    ) -> tuple[int, list[tuple[Row, int]], str | None]:
+    ) -> Sent:
         """Send rows as consecutive record batches, each after the previous one's ack; stop at
         the first failure. Returns the acked prefix with offsets, and the error if any.
+
+        Fencing: no batch is handed to the producer once this relay's lease on the partition
+        ran out by its own clock (`lease_valid`); the send stops there, `fenced`. What it had
+        handed over before (at most the one batch in flight) may still land: a duplicate with
+        the same event ids, which the new owner sends too, and whose mark is refused.
 
         An ack at an offset not above one acked before means the broker lost the records from
         that offset on. The rows this send had acked there are dropped from the result (they
         stay unpublished, so they go again), the loss is noted in `_lost` for the heal that
         runs before the round's mark (relay_heal), and the partition stops for this round:
         what follows goes next round, in id order with the rows the heal re-sends."""
-        acked: list[tuple[Row, int]] = []
+        sent = Sent(partition, [])
         last = self._high.get(partition, -1)
+        epoch = self.epochs.get(partition, 0)
         i = 0
         regressed = False
         while i < len(rows) and not regressed:
@@ -133,7 +166,7 @@ class KafkaLink(RelayState):
                     key=row.session_id.encode(),
                     value=row.envelope.encode(),
                     timestamp=None,
-                    headers=row.headers(),
+                    headers=row.headers(epoch),
                 )
                 if meta is None:
                     if not chunk:
@@ -142,22 +175,38 @@ class KafkaLink(RelayState):
                 chunk.append(row)
                 i += 1
             batch.close()
+            if not self.lease_valid(partition):
+                self.metrics.fenced_sends.inc()
+                sent.fenced = True
+                return sent
             try:
                 fut = await producer.send_batch(batch, self.s.audit_topic, partition=partition)
                 meta = await fut
             except Exception as exc:
                 self.metrics.send_failures.inc()
-                return partition, acked, f"{type(exc).__name__}: {exc}"
+                sent.error = f"{type(exc).__name__}: {exc}"
+                return sent
             if meta.offset <= last:
                 regressed = True
                 self.metrics.offset_regressions.inc()
-                kept = [(row, off) for row, off in acked if off < meta.offset]
-                self._note_lost(partition, meta.offset, last, dropped=len(acked) - len(kept))
-                acked = kept
+                kept = [(row, off) for row, off in sent.acked if off < meta.offset]
+                self._note_lost(partition, meta.offset, last, dropped=len(sent.acked) - len(kept))
+                sent.acked = kept
             last = meta.offset + len(chunk) - 1
             self._high[partition] = last
-            acked.extend((row, meta.offset + k) for k, row in enumerate(chunk))
-        return partition, acked, None
+            sent.acked.extend((row, meta.offset + k) for k, row in enumerate(chunk))
+        return sent
+
+
+#: APIs every Apache Kafka broker since 1.0 serves (OffsetForLeaderEpoch, DescribeLogDirs,
+#: CreatePartitions); Tansu serves none of them.
+KAFKA_APIS = frozenset({23, 35, 37})
+
+
+def needs_probe(api_keys: set[int]) -> bool:
+    """Whether a broker serving `api_keys` (its ApiVersions answer) gets the partition probe:
+    every broker that does not answer like Apache Kafka does (Tansu's restart bug)."""
+    return not KAFKA_APIS <= api_keys
 
 
 async def _stop_quietly(client: AIOKafkaProducer | AIOKafkaConsumer) -> None:

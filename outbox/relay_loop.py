@@ -43,23 +43,28 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        self.pool = await connect.pg_pool(self.s, min_size=1, max_size=3)
-        await self._connect_locks()
+        self.pool = await connect.pg_pool(self.s, min_size=1, max_size=4)
+        await self._conn()
 
     async def prepare(self) -> None:
         """Kafka side: the topic set up, a producer connected, the partitions known."""
         await self._ensure_producer()
 
     async def close(self) -> None:
+        await self.drop_prefetch()
         try:
             await self.settle()
         except Exception as exc:  # Postgres gone: those rows stay unpublished, sent again
             log.warning("relay: the last mark failed; its rows will be sent again", error=str(exc))
         await self._reset_producer()
-        if self._lock_conn is not None and not self._lock_conn.is_closed():
-            await self._lock_conn.close()  # releases every slot at once
-        self._lock_conn = None
-        self.owned.clear()
+        try:
+            await self.release_all()  # the others take them at once, not after the lease
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass  # closing the connection below frees them too (the liveness lock goes)
+        if self._lease_conn is not None and not self._lease_conn.is_closed():
+            await self._lease_conn.close()
+        self._lease_conn = None
+        self._drop(set(self.owned))
         if self.pool is not None:
             await self.pool.close()
             self.pool = None
@@ -100,10 +105,16 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
     async def _rounds(self, stop: asyncio.Event) -> None:
         backoff = 0.0
         next_rebalance = 0.0
+        next_look = 0.0
         while not stop.is_set():
             now = time.monotonic()
             reached = now >= next_rebalance or bool(self.owned)  # the round asks both servers
             try:
+                if now < next_rebalance and now >= next_look:
+                    # a relay froze, hung or died: take its partitions within a lease + a round
+                    next_look = now + min(0.5, self.s.relay_lease_s / 4)
+                    if await self.takeover_due():
+                        next_rebalance = now
                 if now >= next_rebalance:
                     await self.settle()  # partitions are given back only fully marked
                     await self.rebalance()
@@ -121,13 +132,11 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
                 backoff = self._next_backoff(backoff)
                 self._down(0, describe(exc), "relay: postgres unavailable",
                            error=str(exc), retry_in=backoff)  # fmt: skip
-                if self._lock_conn is not None and self._lock_conn.is_closed():
-                    self.owned.clear()
-                    self._lock_conn = None
                 await _sleep_or_stop(stop, backoff)
                 continue
             except Exception as exc:  # Kafka: start, metadata or topic set-up failed
                 self.kafka_ok = False
+                self.kafka_failing = True
                 backoff = self._next_backoff(backoff)
                 await self._reset_producer()
                 reason = self._kafka_reason(exc)
@@ -137,6 +146,7 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
                 continue
             if res.failed_partitions:
                 self.kafka_ok = False
+                self.kafka_failing = True
                 backoff = self._next_backoff(backoff)
                 error = next(iter(res.failed_partitions.values()))
                 self._down(1, f"no ack: {error}", "relay: kafka did not ack",
@@ -148,6 +158,10 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
                 await _sleep_or_stop(stop, backoff)
                 continue
             self.kafka_ok = self._producer is not None or self.kafka_ok
+            if self._producer is not None:
+                self.kafka_failing = False
+            if res.fenced:
+                continue  # a lease ran out mid-round: the next round renews or drops it
             if reached:
                 self._up()
             backoff = 0.0
@@ -189,12 +203,12 @@ class Relay(RoundPublisher, KafkaLink, SlotOwnership, Housekeeping):
                 log.info(f"relay: {server.name} at {server.address} answers", down_for_s=down_for)
 
     async def _idle(self, stop: asyncio.Event) -> None:
-        """Sleep until NOTIFY, the poll interval, or stop."""
+        """Sleep until NOTIFY, the poll interval, or stop; an idle relay still renews its
+        leases (each round does) well within their length."""
         waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        timeout = min(self.s.relay_poll_interval_s, self.s.relay_lease_s / 3)
         try:
-            await asyncio.wait(
-                waits, timeout=self.s.relay_poll_interval_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()

@@ -16,6 +16,7 @@ import pytest
 
 from agentmesh import devstack
 from agentmesh.outbox.relay import Relay
+from agentmesh.schemas import registry
 from tests.audit_helpers import (
     LoadGen,
     backlog,
@@ -82,6 +83,7 @@ async def test_relay_publishes_rows_with_key_headers_and_recorded_offsets(
             "agent": "loadgen",
             "causation_id": "",
             "mesh-seq": seq[env.event_id],  # the outbox row's id: the session's commit order
+            "mesh-lease": "1",  # the partition's lease epoch: its first owner
         }
     # the relay recorded where each row went, and one index row per session
     rows = await pg.fetch("SELECT event_id::text, kafka_partition, kafka_offset FROM mesh_outbox")
@@ -391,3 +393,47 @@ async def test_a_large_backlog_drains_exactly_once_with_pipelined_marks(
     records = await read_topic(s)
     assert len(records) == 8000  # nothing sent twice
     assert_in_order(first_copies(records), {f"big-{i}": 200 for i in range(40)})
+
+
+async def test_rounds_read_ahead_under_a_backlog_and_a_failed_round_keeps_order(
+    pg: asyncpg.Connection, stack: devstack.StackConfig, audit_env: dict[str, str]
+) -> None:
+    """Under a backlog the next round's rows are read while the sends wait for acks; when a
+    round fails (its broker connection stalls past the request timeout) those rows are
+    dropped, so the failed round's unsent rows still go first."""
+    from tests.kafka_proxy import KafkaProxy
+
+    host, port = stack.kafka_bootstrap.rsplit(":", 1)
+    proxy = KafkaProxy(host, int(port))
+    await proxy.start()
+    s = settings_from(audit_env, relay_batch_size=300)
+    s_relay = settings_from(
+        audit_env, relay_batch_size=300, kafka_bootstrap=proxy.bootstrap,
+        kafka_touch_partitions=False,  # the sends are its only Kafka requests: they fail
+    )  # fmt: skip
+    big = "x" * 20_000  # 25 rows fill a record batch: several batches a partition a round
+    await insert(pg, [registry.make("job.created", {"n": i // 30, "fail": big},
+                                    session_id=f"ra-{i % 30}") for i in range(1200)])  # fmt: skip
+    relay = Relay(s_relay)
+    await relay.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await eventually(lambda: _published_over(pg, 0), what="relay publishing")
+        proxy.stall()
+        await eventually(lambda: _failed_send(relay), timeout=30, what="a send failed")
+        proxy.resume()
+        await eventually(lambda: _empty(pg), timeout=90, what="drained after the stall")
+    finally:
+        stop.set()
+        await task
+        await relay.close()
+        await proxy.close()
+    assert relay.metrics.read_ahead._value.get() > 0
+    records = await read_topic(s)
+    assert len({dict(r.headers)["event_id"] for r in records}) == 1200
+    assert_in_order(first_copies(records), {f"ra-{i}": 40 for i in range(30)})
+
+
+async def _failed_send(relay: Relay) -> bool:
+    return bool(relay.metrics.send_failures._value.get() > 0)

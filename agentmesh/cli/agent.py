@@ -11,6 +11,7 @@ from rich.table import Table
 
 from agentmesh.agents.runner import Runner
 from agentmesh.cli.common import (
+    EXIT_BACKPRESSURE,
     EXIT_FAILED,
     EXIT_INPUT,
     JsonOpt,
@@ -25,7 +26,7 @@ from agentmesh.cli.common import (
     safe,
     settings,
 )
-from agentmesh.client import Mesh, Published, SessionState
+from agentmesh.client import Backpressure, Mesh, Published, SessionState
 from agentmesh.process.logs import configure
 
 agent_app = typer.Typer(help="Run and list agents.", no_args_is_help=True)
@@ -85,10 +86,19 @@ def publish(
         bool, typer.Option("--wait", help="Follow the session until it ends or waits on a human.")
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 120.0,
+    backlog_wait: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Seconds to wait for room when STREAM's backlog is over MESH_PUBLISH_MAX_BACKLOG "
+            "(default MESH_PUBLISH_BACKLOG_WAIT_S); then exit 4, nothing published.",
+        ),
+    ] = None,
     module: ModuleOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Validate a payload against its event schema, then XADD it onto STREAM."""
+    """Validate a payload against its event schema, then XADD it onto STREAM (exit 4 when the
+    stream's backlog is over its bound: nothing is published)."""
     load_agents(module)
     data = read_json_arg(payload)
     if not isinstance(data, dict):
@@ -97,7 +107,8 @@ def publish(
     async def go() -> tuple[Published, SessionState | None]:
         async with Mesh() as mesh:
             sent = await mesh.publish(event_type, data, session_id=session,
-                                      idempotency_key=idempotency_key, stream=stream)  # fmt: skip
+                                      idempotency_key=idempotency_key, stream=stream,
+                                      backlog_wait_s=backlog_wait)  # fmt: skip
             if not as_json:
                 out.print(f"published {safe(event_type)} {safe(sent.event_id)} to "
                           f"{safe(stream)} (session {safe(sent.session_id)})")  # fmt: skip
@@ -112,7 +123,10 @@ def publish(
 
                 return sent, await mesh.follow(sent.session_id, timeout_s=timeout, on_update=shown)
 
-    sent, state = run(go())
+    try:
+        sent, state = run(go())
+    except Backpressure as exc:
+        fail(str(exc), EXIT_BACKPRESSURE)
     result: dict[str, Any] = asdict(sent)
     if wait:
         result["session"] = asdict(state) if state else None

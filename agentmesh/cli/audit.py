@@ -67,7 +67,7 @@ def relay_run(
 
 @relay_app.command("status")
 def relay_status(as_json: JsonOpt = False) -> None:
-    """Backlog (rows, age of the oldest), live relays and the slots each owns."""
+    """Backlog, relays, and each partition's lease: owner, age, last progress, backlog."""
 
     async def go() -> RelayStatus:
         async with Mesh() as mesh:
@@ -82,10 +82,24 @@ def relay_status(as_json: JsonOpt = False) -> None:
         f"partitions: {data.slots_owned}/{data.slots} owned by {len(data.relays)} relay(s)",
         highlight=False,
     )
-    table = Table("relay (postgres pid)", "client address", "partitions owned")
+    table = Table("relay", "state", "partitions owned")
     for r in data.relays:
-        table.add_row(str(r.pid), str(r.client_addr or "local"), str(r.slots))
+        table.add_row(safe(r.name), r.state, str(r.slots))
     out.print(table)
+    leases = Table("partition", "owner", "epoch", "lease age", "expires in", "last progress",
+                   "backlog", "oldest")  # fmt: skip
+    for p in data.partitions:
+        leases.add_row(
+            str(p.partition), safe(p.owner) if p.owner else "(free)", str(p.epoch),
+            _secs(p.lease_age_s), _secs(p.expires_in_s), _secs(p.last_progress_s),
+            str(p.backlog_rows), _secs(p.backlog_oldest_s) if p.backlog_rows else "-",
+        )  # fmt: skip
+    if data.partitions:
+        out.print(leases)
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"
 
 
 # -- replay ---------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ err = Console(stderr=True, soft_wrap=True, emoji=False)
 
 #: 0 ok, 1 the operation failed, 2 bad input (usage, invalid payload), 3 a server is unreachable.
 EXIT_FAILED, EXIT_INPUT, EXIT_UNAVAILABLE = 1, 2, 3
+#: 4: the target stream's backlog is over MESH_PUBLISH_MAX_BACKLOG (nothing published; retry).
+EXIT_BACKPRESSURE = 4
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 ModuleOpt = Annotated[

@@ -1,5 +1,5 @@
-"""`mesh status`: streams and groups, DLQ depth, breakers and the relay, rendered from
-`Mesh.status`."""
+"""`mesh status`: streams and groups, DLQ depth, breakers, shared budgets and the relay,
+rendered from `Mesh.status`."""
 
 from __future__ import annotations
 
@@ -67,6 +67,13 @@ def status(
         out.print(bt)
     else:
         out.print("breakers: none reported (no running agent has a dependency)")
+    if data.budgets:
+        bt = Table("budget", "rate", "burst", "tokens now", "calls", "parked", "exhausted")
+        for g in data.budgets:
+            tokens = f"[red]{g.tokens:.1f}[/]" if g.tokens < 1 else f"{g.tokens:.1f}"
+            bt.add_row(safe(g.name, 60), f"{g.rate_per_s:g}/s", f"{g.burst:g}", tokens,
+                       str(g.granted), str(g.refused), f"{g.exhausted}x")  # fmt: skip
+        out.print(bt)
     relay = data.relay
     out.print(
         f"relay: backlog {relay.backlog_rows} rows (oldest {relay.backlog_oldest_s:.1f} s), "

@@ -2,8 +2,8 @@
 
 from agentmesh.client.decisions import ActedOn, DecisionOutcome
 from agentmesh.client.dlq import DeadLetters, DlqEdit, DlqEntry, DlqFilter, DlqOutcome
-from agentmesh.client.errors import Conflict, InvalidRequest, MeshError, NotFound
-from agentmesh.client.mesh import Mesh, Published
+from agentmesh.client.errors import Backpressure, Conflict, InvalidRequest, MeshError, NotFound
+from agentmesh.client.mesh import Mesh, NewEvent, Published
 from agentmesh.client.sessions import SessionState
 from agentmesh.client.status import (
     BreakerStatus,
@@ -16,6 +16,7 @@ from agentmesh.client.status import (
 
 __all__ = [
     "ActedOn",
+    "Backpressure",
     "BreakerStatus",
     "Conflict",
     "ConsumerStatus",
@@ -29,6 +30,7 @@ __all__ = [
     "Mesh",
     "MeshError",
     "MeshStatus",
+    "NewEvent",
     "NotFound",
     "Published",
     "RelayMember",

@@ -18,3 +18,13 @@ class NotFound(MeshError):
 
 class Conflict(MeshError):
     """Someone else acted first: another operator's decision, the deadline's, a retry."""
+
+
+class Backpressure(MeshError):
+    """The target stream's backlog is over its bound (`MESH_PUBLISH_MAX_BACKLOG`): nothing
+    was published; try again later (or wait for room). `backlogs`: stream -> backlog seen."""
+
+    def __init__(self, message: str, *, bound: int, backlogs: dict[str, int]) -> None:
+        super().__init__(message)
+        self.bound = bound
+        self.backlogs = backlogs

@@ -13,7 +13,8 @@ PostgreSQL is down. Every write an operator makes is recorded in the audit log f
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -23,9 +24,10 @@ from redis.asyncio import Redis
 
 from agentmesh import connect
 from agentmesh.bus import Streams
+from agentmesh.bus.backlog import backlogs
 from agentmesh.client import audit, decisions
 from agentmesh.client.dlq import DeadLetters
-from agentmesh.client.errors import InvalidRequest
+from agentmesh.client.errors import Backpressure, InvalidRequest
 from agentmesh.client.limits import oversize
 from agentmesh.client.projections import Projections
 from agentmesh.client.sessions import SessionState, session_states
@@ -35,7 +37,7 @@ from agentmesh.outbox.publish import publish_events
 from agentmesh.outbox.replay import Replay, Until
 from agentmesh.outbox.resend import ResendResult, Selection
 from agentmesh.outbox.snapshots import StateReplay
-from agentmesh.schemas import PoisonMessage, registry
+from agentmesh.schemas import Envelope, PoisonMessage, registry
 from agentmesh.schemas.ids import new_event_id
 from agentmesh.settings import Settings, load_settings
 
@@ -48,6 +50,17 @@ class Published:
     session_id: str
     stream: str
     entry_id: str | None  # None: the event id was already on its stream (deduplicated)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewEvent:
+    """One event of `Mesh.publish_batch` (the arguments of `Mesh.publish`)."""
+
+    event_type: str
+    payload: dict[str, Any]
+    session_id: str | None = None
+    idempotency_key: str | None = None
+    stream: str | None = None
 
 
 class Mesh:
@@ -108,32 +121,97 @@ class Mesh:
         idempotency_key: str | None = None,
         stream: str | None = None,
         source: str | None = None,
+        backlog_wait_s: float | None = None,
     ) -> Published:
         """Validate `payload` against its event type (registered by the agents module), write
-        the outbox row, then XADD it onto the type's stream. Raises InvalidRequest."""
+        the outbox row, then XADD it onto the type's stream. Raises InvalidRequest, or
+        Backpressure when the stream's backlog has no room for it within `backlog_wait_s`
+        (default `MESH_PUBLISH_BACKLOG_WAIT_S`; nothing is published then)."""
+        event = NewEvent(event_type=event_type, payload=payload, session_id=session_id,
+                         idempotency_key=idempotency_key, stream=stream)  # fmt: skip
+        (sent,) = await self.publish_batch([event], source=source, backlog_wait_s=backlog_wait_s)
+        return sent
+
+    async def publish_batch(
+        self,
+        events: Sequence[NewEvent],
+        *,
+        source: str | None = None,
+        backlog_wait_s: float | None = None,
+    ) -> list[Published]:
+        """Publish several events, all or nothing: every one is validated, and the backlog of
+        every target stream must have room for all of its events, before any is written
+        (outbox rows in one statement, then one XADD script)."""
+        pairs = [self._envelope(e, source) for e in events]
+        if not pairs:
+            return []
+        wait = self.settings.publish_backlog_wait_s if backlog_wait_s is None else backlog_wait_s
+        await self.make_room(Counter(stream for stream, _ in pairs), wait_s=wait)
+        entry_ids = await publish_events(await self.pg(), self.streams, pairs)
+        return [
+            Published(event_id=env.event_id, session_id=env.session_id, stream=stream,
+                      entry_id=entry_id)
+            for (stream, env), entry_id in zip(pairs, entry_ids, strict=True)
+        ]  # fmt: skip
+
+    def _envelope(self, event: NewEvent, source: str | None) -> tuple[str, Envelope]:
+        event_type = event.event_type
         try:
             expected = registry.stream_of(event_type)
             fields: dict[str, Any] = {
-                "session_id": session_id or f"s-{new_event_id()}",
+                "session_id": event.session_id or f"s-{new_event_id()}",
                 "source": source or f"cli:{self.operator}",
             }
-            if idempotency_key:
-                fields["idempotency_key"] = idempotency_key
-            env = registry.make(event_type, payload, **fields)
+            if event.idempotency_key:
+                fields["idempotency_key"] = event.idempotency_key
+            env = registry.make(event_type, event.payload, **fields)
         except PoisonMessage as exc:
             raise InvalidRequest(f"invalid {event_type} payload: {exc}") from None
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         if not expected:
             raise InvalidRequest(f"event type {event_type} has no stream to publish on")
-        if stream is not None and stream != expected:
-            raise InvalidRequest(f"{event_type} travels on stream {expected!r}, not {stream!r}")
+        if event.stream is not None and event.stream != expected:
+            raise InvalidRequest(
+                f"{event_type} travels on stream {expected!r}, not {event.stream!r}"
+            )
         if too_big := oversize(env.to_wire(), self.settings):
             raise InvalidRequest(f"{too_big}: not published")
-        (entry_id,) = await publish_events(await self.pg(), self.streams, [(expected, env)])
-        return Published(
-            event_id=env.event_id, session_id=env.session_id, stream=expected, entry_id=entry_id
-        )
+        return expected, env
+
+    async def make_room(self, counts: dict[str, int], *, wait_s: float = 0.0) -> None:
+        """Return once every stream in `counts` (stream -> events to add) has room for them
+        under `MESH_PUBLISH_MAX_BACKLOG`, checking again every 0.2 s; raise Backpressure when
+        there is none within `wait_s`. Not atomic with the XADD: publishers racing each other
+        can overshoot the bound by what they publish at that moment, never more."""
+        bound = self.settings.publish_max_backlog
+        if not bound or not counts:
+            return
+        for stream, n in counts.items():
+            if n > bound:
+                raise Backpressure(
+                    f"{n} events for {stream} are more than its backlog bound of {bound} "
+                    "(MESH_PUBLISH_MAX_BACKLOG) on their own; nothing was published",
+                    bound=bound, backlogs={},
+                )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            seen = await backlogs(self.redis, list(counts), cap=bound)
+            over = {st: b for st, b in seen.items() if b + counts[st] > bound}
+            if not over:
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                what = ", ".join(f"{st} has {b}" for st, b in sorted(over.items()))
+                waited = f" after waiting {wait_s:g} s" if wait_s else ""
+                raise Backpressure(
+                    f"backlog over its bound{waited}: {what} entries its consumers have not "
+                    f"finished (lag + pending), bound {bound} (MESH_PUBLISH_MAX_BACKLOG); "
+                    "nothing was published, try again later",
+                    bound=bound, backlogs=seen,
+                )  # fmt: skip
+            await asyncio.sleep(min(0.2, left))
 
     async def sessions(self, *, status: str | None = None, limit: int = 50) -> list[SessionState]:
         """Recent sessions, newest activity first; `status`: running, waiting or ended."""

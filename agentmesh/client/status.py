@@ -4,7 +4,8 @@ Streams are found with SCAN TYPE stream. The mesh's own are shown: those with a 
 group, and those its event types are registered on (a stream nobody consumes yet is worth
 seeing); `known=None` shows every stream in the database. Per group: lag and pending; per
 consumer: pending and idle time. Breaker states come from the short-lived reports each agent
-replica writes (agents/runner.py); the relay backlog and partition owners from Postgres.
+replica writes (agents/runner.py); shared budgets from their buckets (bus/budget.py); the
+relay backlog and partition owners from Postgres.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import ResponseError
 
 from agentmesh.agents.runner import BREAKER_REPORT_PREFIX
-from agentmesh.outbox.relay import MEMBER_LOCK_CLASS, SLOT_LOCK_CLASS
+from agentmesh.bus.budget import Buckets, BucketState
+from agentmesh.outbox.relay import LIVE_LOCK_CLASS
 
 if TYPE_CHECKING:
     from agentmesh.client.mesh import Mesh
@@ -51,9 +53,21 @@ class BreakerStatus:
 
 @dataclass(frozen=True, kw_only=True)
 class RelayMember:
-    pid: int  # the relay's PostgreSQL backend pid
-    client_addr: str | None
-    slots: int
+    name: str
+    state: str  # live | not renewing (frozen or hung: its leases run out) | gone
+    slots: int  # partitions whose lease it holds and renewed in time
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartitionLease:
+    partition: int
+    owner: str | None  # None: free
+    epoch: int  # +1 at every change of owner
+    lease_age_s: float | None  # since its owner last renewed it
+    expires_in_s: float | None  # negative: expired, any relay may take it
+    last_progress_s: float | None  # since its owner last published or caught up there
+    backlog_rows: int
+    backlog_oldest_s: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +78,7 @@ class RelayStatus:
     slots: int
     slots_owned: int
     relays: list[RelayMember]
+    partitions: list[PartitionLease] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +93,7 @@ class MeshStatus:
     dlq: DlqDepth
     breakers: list[BreakerStatus]
     relay: RelayStatus
+    budgets: list[BucketState] = field(default_factory=list)  # shared rate budgets, by name
 
 
 def _s(value: Any) -> Any:
@@ -126,36 +142,78 @@ async def collect(mesh: Mesh, *, known: set[str] | None = None) -> MeshStatus:
         dlq=DlqDepth(stream=dlq_stream, depth=depth),
         breakers=sorted(breakers, key=lambda b: (b.agent, b.dependency, b.replica)),
         relay=await relay_status(mesh),
+        budgets=await Buckets(redis).states(),
     )
 
 
+_LIVE = f"""live AS (SELECT objid::bigint AS token FROM pg_locks WHERE locktype = 'advisory'
+            AND granted AND classid = {LIVE_LOCK_CLASS} AND objsubid = 2)"""
+
+
 async def relay_status(mesh: Mesh) -> RelayStatus:
-    """Backlog (rows, age of the oldest), live relays and the partitions each owns."""
+    """Backlog (rows, age of the oldest), relays, and each partition's lease: owner, epoch,
+    lease age, last progress, backlog (outbox/relay_slots.py)."""
     pool = await mesh.pg()
+    topic = mesh.settings.audit_topic
     backlog = await pool.fetchrow(
         """SELECT count(*) AS rows, COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)
                   ::float8 AS oldest FROM mesh_outbox WHERE published_at IS NULL"""
     )
-    relays = await pool.fetch(
-        """SELECT l.pid, a.client_addr::text AS client_addr,
-                  (SELECT count(*) FROM pg_locks s WHERE s.pid = l.pid
-                    AND s.locktype = 'advisory' AND s.classid = $2 AND s.granted) AS slots
-           FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-           WHERE l.locktype = 'advisory' AND l.classid = $1 AND l.objid = 0
-             AND l.objsubid = 2 AND l.granted
-           ORDER BY l.pid""",
-        MEMBER_LOCK_CLASS,
-        SLOT_LOCK_CLASS,
-    )
-    slots = await pool.fetchval("SELECT slots FROM mesh_relay_config") or 0
     assert backlog is not None
-    members = [RelayMember(pid=r["pid"], client_addr=r["client_addr"], slots=int(r["slots"]))
-               for r in relays]  # fmt: skip
+    slots = int(await pool.fetchval("SELECT slots FROM mesh_relay_config") or 0)
+    members = await pool.fetch(
+        f"""WITH {_LIVE}
+            SELECT m.name, m.token IN (SELECT token FROM live) AS locked, m.expires_at > now() AS
+                   renewing,
+                   (SELECT count(*) FROM mesh_relay_leases l WHERE l.topic = m.topic
+                     AND l.owner_token = m.token AND l.expires_at > now()) AS slots
+            FROM mesh_relay_members m
+            WHERE m.topic = $1 AND (m.expires_at > now() OR m.token IN (SELECT token FROM live))
+            ORDER BY m.started_at, m.name""",
+        topic,
+    )
+    leases = await pool.fetch(
+        """SELECT l.kafka_partition AS p, l.owner, l.epoch,
+                  EXTRACT(EPOCH FROM now() - l.renewed_at)::float8 AS age,
+                  EXTRACT(EPOCH FROM l.expires_at - now())::float8 AS left,
+                  EXTRACT(EPOCH FROM now() - l.progress_at)::float8 AS progress,
+                  COALESCE(b.rows, 0) AS rows, COALESCE(b.oldest, 0) AS oldest
+           FROM mesh_relay_leases l LEFT JOIN (
+               SELECT session_hash % $2 AS p, count(*) AS rows,
+                      EXTRACT(EPOCH FROM now() - min(created_at))::float8 AS oldest
+               FROM mesh_outbox WHERE published_at IS NULL AND $2 > 0 GROUP BY 1) b
+             ON b.p = l.kafka_partition
+           WHERE l.topic = $1 AND l.kafka_partition < $2 ORDER BY l.kafka_partition""",
+        topic,
+        slots,
+    )
+    relays = [
+        RelayMember(
+            name=r["name"],
+            state="gone" if not r["locked"] else "live" if r["renewing"] else "not renewing",
+            slots=int(r["slots"]),
+        )
+        for r in members
+    ]
+    partitions = [
+        PartitionLease(
+            partition=r["p"],
+            owner=r["owner"],
+            epoch=int(r["epoch"]),
+            lease_age_s=r["age"],
+            expires_in_s=r["left"],
+            last_progress_s=r["progress"],
+            backlog_rows=int(r["rows"]),
+            backlog_oldest_s=float(r["oldest"]),
+        )
+        for r in leases
+    ]
     return RelayStatus(
-        topic=mesh.settings.audit_topic,
+        topic=topic,
         backlog_rows=int(backlog["rows"]),
         backlog_oldest_s=float(backlog["oldest"]),
-        slots=int(slots),
-        slots_owned=sum(m.slots for m in members),
-        relays=members,
+        slots=slots,
+        slots_owned=sum(1 for p in partitions if p.owner and (p.expires_in_s or 0) > 0),
+        relays=relays,
+        partitions=partitions,
     )

@@ -23,6 +23,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentmesh import (
     Agent,
+    Budget,
     Context,
     Decision,
     DependencySpec,
@@ -64,6 +65,10 @@ class DeskSettings(BaseSettings):
         default=None, description="CA of the gateway's certificate (else the system's)"
     )  # FilePath: a CA file that is not there stops the agent at start, not each payment
     gateway_timeout_s: float = Field(default=5.0, gt=0, description="one gateway call's limit")
+    gateway_rate: float = Field(
+        default=100.0, ge=0, description="gateway calls/s shared by all payments replicas; 0: none"
+    )
+    gateway_burst: int = Field(default=20, ge=1, description="gateway calls allowed at once")
 
 
 DESK = DeskSettings()
@@ -92,6 +97,10 @@ payments = Agent(
             fail_max=3,
             reset_timeout_s=2.0,
             retry=RetryPolicy(attempts=2, initial_s=0.1, max_s=0.5),
+            # one budget for every replica: the gateway allows so many calls per second
+            budget=Budget(rate=DESK.gateway_rate, burst=DESK.gateway_burst)
+            if DESK.gateway_rate
+            else None,
         )
     ],
 )
