@@ -29,7 +29,7 @@ test: lint
 
 bench: setup
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
-	$(PY) bench/runtime_throughput.py
+	$(PY) bench/targets.py --make
 
 clean:
 	-$(VENV)/bin/mesh dev down

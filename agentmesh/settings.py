@@ -115,7 +115,10 @@ class Settings(BaseSettings):
     )
     block_ms: int = Field(default=1000, ge=1, description="how long one XREADGROUP waits")
     concurrency: int = Field(
-        default=200, ge=1, description="entries in flight (handling or committing) per consumer"
+        default=600,
+        ge=1,
+        description="entries in flight (handling or committing) per consumer; well above "
+        "batch_size, so the reader keeps reading while a batch commits",
     )
     consumers: int = Field(default=1, ge=1, description="consumer loops per process")
     max_deliveries: int = Field(default=5, ge=1, description="deliveries before an entry is DLQ'd")

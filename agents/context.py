@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from agentmesh.agents.provenance import stored_by
 from agentmesh.agents.resilience import Dependency
 from agentmesh.schemas.envelope import Envelope
+from agentmesh.schemas.errors import Oversize
 from agentmesh.schemas.registry import Registry
 
 if TYPE_CHECKING:
@@ -67,14 +68,26 @@ class Context:
         """Queue an event; it is written to the outbox with the action and sent after commit."""
         if event_type not in self._emits:
             raise ValueError(f"agent {self.agent!r} does not declare it emits {event_type!r}")
-        env = self._registry.make(
-            event_type,
-            payload,
-            session_id=self.session_id,
-            causation_id=self.envelope.event_id,
-            source=self.agent,
-        )
-        stream = self._registry.get(event_type).stream
+        et = self._registry.get(event_type)
+        if isinstance(payload, et.model):  # validated when it was built: not again
+            env = runtime_envelope(
+                self._registry,
+                event_type,
+                et.version,
+                payload.model_dump(mode="json"),
+                session_id=self.session_id,
+                causation_id=self.envelope.event_id,
+                source=self.agent,
+            )
+        else:
+            env = self._registry.make(
+                event_type,
+                payload,
+                session_id=self.session_id,
+                causation_id=self.envelope.event_id,
+                source=self.agent,
+            )
+        stream = et.stream
         if stream is None:  # audit-only: written to the outbox for Kafka, sent to no stream
             self.recorded.append(env)
         else:
@@ -98,3 +111,28 @@ class Context:
             raise RuntimeError("verified_input needs the agent's Postgres pool")
         stored = await stored_by(self.pool, self.envelope, agent=emitted_by)
         return self._registry.load_payload(stored)
+
+
+def runtime_envelope(
+    registry: Registry,
+    event_type: str,
+    version: int,
+    payload: dict[str, Any],
+    *,
+    session_id: str,
+    causation_id: str,
+    source: str,
+) -> Envelope:
+    """What `registry.make` does for a payload that is valid already (a model instance, or
+    the runtime's own audit record), without validating it again; the size limit holds."""
+    env = Envelope.build(
+        type=event_type,
+        session_id=session_id,
+        causation_id=causation_id,
+        source=source,
+        schema_version=version,
+        payload=payload,
+    )
+    if len(env.to_wire()) > registry.max_bytes:
+        raise Oversize(f"envelope is larger than {registry.max_bytes} bytes")
+    return env

@@ -88,6 +88,13 @@ class Result:
     checks: list[str] = field(default_factory=list)
     key: str = ""
     half_s: float | None = None  # when half of the input was done
+    rss_mb: float | None = None  # the largest agent process's resident memory, once drained
+    cpu_s: float | None = None  # CPU time the consumer's process(es) used for the run
+
+    @property
+    def cpu_us(self) -> float | None:
+        """CPU microseconds per message: unlike msgs/s, hardly moved by other load."""
+        return None if self.cpu_s is None else self.cpu_s / self.messages * 1e6
 
     @property
     def halves(self) -> tuple[float, float] | None:
@@ -264,9 +271,10 @@ async def bench_raw(stack: Stack, wires: Sequence[bytes], *, with_pg: bool) -> R
     pg = await asyncpg.connect(stack.cfg.postgres_dsn) if with_pg else None
     stop = asyncio.Event()
     try:
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         task = asyncio.create_task(raw_loop(redis, stop, pg))
         await stack.time_drain(res, t0, IN_STREAM, RAW_GROUP, watch=[task])
+        res.cpu_s = time.process_time() - c0
         stop.set()
         await asyncio.wait_for(task, 5)
     finally:
@@ -327,6 +335,20 @@ async def bench_runtime(stack: Stack, wires: Sequence[bytes], *, consumers: int)
     return res
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of a process, in MB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 def agent_procs(cfg: devstack.StackConfig, n: int, log_dir: Path) -> MeshProcs:
     """`mesh agent run bench-agent` processes."""
     env = dict(os.environ)  # MESH_* knobs set by the caller apply here too
@@ -370,10 +392,13 @@ async def bench_processes(stack: Stack, wires: Sequence[bytes], *, procs: int) -
                 raise TimeoutError("agent processes did not start reading within 60s")
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
+        cpu0 = sum(cpu_s(p.pid) for p in agents.procs)
         t0 = time.monotonic()
         await stack.redis.xgroup_setid(IN_STREAM, AGENT_NAME, "0", entries_read=0)
         await stack.redis.xadd(IN_STREAM, {b"envelope": wires[-1]})
         await stack.time_drain(res, t0, IN_STREAM, AGENT_NAME, alive=agents.check_alive)
+        res.cpu_s = sum(cpu_s(p.pid) for p in agents.procs) - cpu0
+        res.rss_mb = max((rss_mb(p.pid) for p in agents.procs), default=None)
     finally:
         await asyncio.to_thread(agents.stop)
     await stack.check_out(res, len(wires))
@@ -448,9 +473,10 @@ async def bench_faststream(stack: Stack, wires: Sequence[bytes], *, batch: bool)
             await pipe.execute()
         # a group at 0, so the pre-filled entries are read (FastStream would create it at $)
         await stack.create_group(IN_STREAM, FS_GROUP)
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         await broker.start()
         await stack.time_drain(res, t0, IN_STREAM, FS_GROUP)
+        res.cpu_s = time.process_time() - c0
     finally:
         with contextlib.suppress(Exception):
             await broker.stop()
@@ -466,8 +492,8 @@ def fmt_table(results: Sequence[Result]) -> list[str]:
     base = next((r.rate for r in results if r.key == "raw"), None)
     lines = [
         "| # | variant | messages | seconds | msgs/s | vs raw loop "
-        "| 1st / 2nd half msgs/s | notes |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| 1st / 2nd half msgs/s | CPU us/msg | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for i, r in enumerate(results, 1):
         rate = r.rate
@@ -476,9 +502,10 @@ def fmt_table(results: Sequence[Result]) -> list[str]:
         ratio = f"{rate / base:.2f}x" if rate is not None and base else "-"
         halves = f"{r.halves[0]:,.0f} / {r.halves[1]:,.0f}" if r.halves else "-"
         notes = "; ".join([r.note, *(f"CHECK FAILED: {c}" for c in r.checks)]).strip("; ")
+        cpu = f"{r.cpu_us:.0f}" if r.cpu_us is not None else "-"
         lines.append(
             f"| {i} | {r.name} | {r.messages:,} | {secs} | {msgs_s} | {ratio} | {halves} "
-            f"| {notes} |"
+            f"| {cpu} | {notes} |"
         )
     return lines
 
@@ -558,6 +585,7 @@ async def run_all(args: argparse.Namespace, cfg: devstack.StackConfig) -> None:
             ("naive", "raw loop + tx per message", lambda: bench_raw(stack, naive, with_pg=True)),
             ("mesh1", "agentmesh consumers=1", lambda: bench_runtime(stack, wires, consumers=1)),
             ("mesh2", "agentmesh consumers=2", lambda: bench_runtime(stack, wires, consumers=2)),
+            ("procs1", "agentmesh x1 process", lambda: bench_processes(stack, wires, procs=1)),
             ("procs2", "agentmesh x2 processes", lambda: bench_processes(stack, wires, procs=2)),
             ("fs-batch", "FastStream batch", lambda: bench_faststream(stack, wires, batch=True)),
             ("fs-single", "FastStream", lambda: bench_faststream(stack, wires, batch=False)),

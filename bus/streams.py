@@ -88,6 +88,24 @@ class Streams:
                 out.append(StreamEntry(stream=name, id=_s(entry_id), fields=fields, deliveries=1))
         return out
 
+    async def first_copies(
+        self, entries: Sequence[tuple[StreamEntry, str]]
+    ) -> set[tuple[str, str]]:
+        """Of (entry, event id) pairs, the (stream, id) of entries that are their event's first and
+        only copy on their stream: the publish step's dedup key for (stream, event id) names
+        that very entry (publish.lua writes it in the same script as the XADD). One MGET.
+
+        An entry XADDed some other way (no key), a second copy (the key names the first) or
+        one whose key expired or was lost is not in the set."""
+        if not entries:
+            return set()
+        values: list[Any] = await self.redis.mget([dedup_key(e.stream, i) for e, i in entries])
+        return {
+            (e.stream, e.id)
+            for (e, _), v in zip(entries, values, strict=True)
+            if v is not None and _s(v) == e.id
+        }
+
     async def autoclaim(self, stream: str, *, min_idle_ms: int, count: int) -> list[StreamEntry]:
         """Take over entries idle longer than `min_idle_ms` (their consumer died or hung)."""
         try:

@@ -23,6 +23,10 @@ _counter = 0
 
 def uuid7() -> uuid.UUID:
     """A UUIDv7: 48-bit Unix ms, a 12-bit counter for ids made in the same ms, random bits."""
+    return uuid.UUID(int=_uuid7_int())
+
+
+def _uuid7_int() -> int:
     global _last_ms, _counter
     with _lock:
         ms = time.time_ns() // 1_000_000
@@ -41,11 +45,13 @@ def uuid7() -> uuid.UUID:
         value |= _counter << 64
         value |= 0b10 << 62
         value |= rand
-        return uuid.UUID(int=value)
+        return value
 
 
 def new_event_id() -> str:
-    h = f"{uuid7().int:032x}"
+    """A UUIDv7 in canonical text form (made without a uuid.UUID object: it is on the path
+    of every envelope the runtime builds)."""
+    h = f"{_uuid7_int():032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
