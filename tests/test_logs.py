@@ -1,10 +1,16 @@
-"""The repeat filter that keeps a broker outage from flooding the logs (pure logic)."""
+"""The repeat filter that keeps a broker outage from flooding the logs, and log output that
+survives a swapped stderr (pure logic)."""
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 
-from agentmesh.process.logs import RepeatFilter
+import pytest
+import structlog
+
+from agentmesh.process.logs import RepeatFilter, configure
 
 
 def _record(msg: str, *args: object) -> logging.LogRecord:
@@ -30,3 +36,21 @@ def test_a_repeated_message_passes_once_per_window_and_counts_the_rest() -> None
     )
     now[0] += 0.1
     assert not f.filter(_record(failed, 111, "closed"))
+
+
+def test_a_log_line_after_stderr_was_swapped_and_closed_goes_to_the_current_stderr(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CLI runner swaps stderr for a stream it closes afterwards; an in-process relay that
+    logs later must neither raise (it took the ValueError for a broker outage) nor lose the
+    line."""
+    swapped = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", swapped)
+    configure(fmt="json")
+    log = structlog.get_logger("t")
+    log.info("first")
+    assert "first" in swapped.getvalue()
+    swapped.close()
+    monkeypatch.undo()
+    log.warning("after the swap", n=1)  # raised ValueError: I/O operation on closed file
+    assert "after the swap" in capsys.readouterr().err

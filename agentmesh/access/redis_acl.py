@@ -81,6 +81,9 @@ def agent_user(a: AgentAccess, dlq_stream: str) -> AclUser:
     _key("", a.name)  # the name goes into the user name and key patterns: check it
     rules: list[str] = ["-@all", *CONNECTION.split(), *CONSUMER.split()]
     rules += _streams("~", a.reads, dedup=False)
+    if a.reads:  # first_copies: one MGET of its inputs' dedup keys, read only
+        first = [_key("%R~", f"mesh:dedup:{s}:", "*") for s in a.reads]
+        rules.append(_selector("+mget", *first))
     if a.writes:
         rules.append(_selector(PUBLISH, *_streams("~", a.writes, dedup=True)))
     rules.append(_selector("+xadd +xlen", _key("~", dlq_stream)))  # xlen: mesh_dlq_depth

@@ -119,6 +119,21 @@ def redacting(renderer: Any) -> Callable[[Any, str, Any], str]:
     return render
 
 
+class _CurrentStderr(structlog.PrintLogger):
+    """Writes to whatever `sys.stderr` is now, and never raises: a CLI runner (or a test
+    harness) may swap stderr for a stream it later closes, and a log line must never become
+    the caller's error (a relay took one for a broker outage)."""
+
+    def msg(self, message: str) -> None:
+        try:
+            print(message, file=sys.stderr, flush=True)
+        except (ValueError, OSError):
+            pass
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 def configure(*, fmt: str = "console", level: str = "INFO") -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
@@ -133,7 +148,7 @@ def configure(*, fmt: str = "console", level: str = "INFO") -> None:
             redacting(renderer),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=lambda *_: _CurrentStderr(),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
