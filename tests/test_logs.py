@@ -3,9 +3,11 @@ survives a swapped stderr (pure logic)."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import sys
+from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -38,6 +40,14 @@ def test_a_repeated_message_passes_once_per_window_and_counts_the_rest() -> None
     assert not f.filter(_record(failed, 111, "closed"))
 
 
+@pytest.fixture(autouse=True)
+def _structlog_as_it_was() -> Iterator[None]:
+    """These tests configure structlog globally: put back what other tests had."""
+    before = structlog.get_config()
+    yield
+    structlog.configure(**before)
+
+
 def test_a_log_line_after_stderr_was_swapped_and_closed_goes_to_the_current_stderr(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -54,3 +64,24 @@ def test_a_log_line_after_stderr_was_swapped_and_closed_goes_to_the_current_stde
     monkeypatch.undo()
     log.warning("after the swap", n=1)  # raised ValueError: I/O operation on closed file
     assert "after the swap" in capsys.readouterr().err
+
+
+def test_the_cli_sends_log_lines_to_stderr_never_into_stdout(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A command that does not configure logs (a one-shot relay under `mesh outbox republish
+    --json`) must not print a warning into the JSON it writes to stdout."""
+    cli = importlib.import_module("agentmesh.cli.app")  # the module; the package exports `app`
+
+    structlog.reset_defaults()  # as in a fresh process: structlog's default prints to stdout
+
+    def command(standalone_mode: bool = False) -> int:
+        structlog.get_logger("t").warning("relay: kafka unavailable")
+        print('{"republished": 1}')
+        return 0
+
+    monkeypatch.setattr(cli, "app", command)
+    cli.main()
+    out, err = capsys.readouterr()
+    assert out == '{"republished": 1}\n'
+    assert "relay: kafka unavailable" in err

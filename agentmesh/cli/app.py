@@ -39,6 +39,7 @@ from agentmesh.client.errors import InvalidRequest, MeshError
 from agentmesh.devstack import StackError
 from agentmesh.outbox.replay import ReplayError
 from agentmesh.process import redact
+from agentmesh.process.logs import configure
 from agentmesh.settings import SECRET_FIELDS, Settings
 
 
@@ -127,6 +128,10 @@ def _line(message: str, code: int) -> None:
 
 def main() -> None:
     """Entry point: turns known failures into one red line and a meaningful exit code."""
+    # Logs go to stderr from the start, warnings and worse, so a command that runs library
+    # code without configuring logs itself (a one-shot relay under `outbox republish --json`)
+    # cannot print a log line into the JSON on stdout. Long-running commands reconfigure.
+    configure(level="WARNING")
     try:
         code = app(standalone_mode=False)  # click returns (not raises) the code of typer.Exit
         if isinstance(code, int) and code:
