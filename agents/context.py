@@ -15,7 +15,6 @@ from pydantic import BaseModel
 from agentmesh.agents.provenance import stored_by
 from agentmesh.agents.resilience import Dependency
 from agentmesh.schemas.envelope import Envelope
-from agentmesh.schemas.errors import Oversize
 from agentmesh.schemas.registry import Registry
 
 if TYPE_CHECKING:
@@ -133,6 +132,5 @@ def runtime_envelope(
         schema_version=version,
         payload=payload,
     )
-    if len(env.to_wire()) > registry.max_bytes:
-        raise Oversize(f"envelope is larger than {registry.max_bytes} bytes")
+    registry.check_size(env)
     return env

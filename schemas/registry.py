@@ -112,9 +112,13 @@ class Registry:
             payload=model.model_dump(mode="json"),
             **fields,
         )
+        self.check_size(env)
+        return env
+
+    def check_size(self, env: Envelope) -> None:
+        """The size limit on an envelope this process makes (what `decode` refuses to read)."""
         if len(env.to_wire()) > self.max_bytes:
             raise Oversize(f"envelope is larger than {self.max_bytes} bytes")
-        return env
 
     def decode(self, raw: bytes | str) -> Decoded:
         """Wire bytes -> (envelope, typed payload). Raises a PoisonMessage subclass on bad input.
